@@ -1,0 +1,108 @@
+"""Per-step advantages for PPO from final rewards and step credit weights (DDPO, UCA, CoCA)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dense_rl.credit import CREDIT_MODES, shape_step_rewards, uniform_step_weights
+from dense_rl.stats import PerPromptStatTracker
+
+
+def _as_numpy(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def _clip_with_fraction(values: np.ndarray, clip_max: float) -> tuple[np.ndarray, float]:
+    clipped_fraction = float(np.mean(np.abs(values) > clip_max)) if values.size else 0.0
+    return np.clip(values, -clip_max, clip_max), clipped_fraction
+
+
+def _validate(prompts, rewards: np.ndarray, step_weights, credit_mode: str, num_steps: int) -> None:
+    if credit_mode not in CREDIT_MODES:
+        raise ValueError(f"unknown credit mode {credit_mode!r}; expected one of {CREDIT_MODES}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be [B] final rewards, got shape {rewards.shape}")
+    if len(prompts) != rewards.shape[0]:
+        raise ValueError(f"got {len(prompts)} prompts for {rewards.shape[0]} rewards")
+    if credit_mode == "coca" and step_weights is None:
+        raise ValueError("credit_mode 'coca' needs step_weights [B, T] (from dense_rl.credit.coca_step_weights)")
+    if step_weights is not None and tuple(step_weights.shape) != (rewards.shape[0], num_steps):
+        raise ValueError(
+            f"step_weights must be [B, T] = {(rewards.shape[0], num_steps)}, got {tuple(step_weights.shape)}"
+        )
+
+
+def _credit_shares(step_weights: torch.Tensor, window_size: int) -> dict:
+    """Mean share of credit in the first (noisiest) and last window of steps."""
+    weights = step_weights.detach().float().cpu()
+    return {
+        "credit_first_window": float(weights[:, :window_size].sum(1).mean()),
+        "credit_last_window": float(weights[:, -window_size:].sum(1).mean()),
+        "credit_negative_frac": float((weights < 0).float().mean()),
+    }
+
+
+def compute_step_advantages(
+    prompts: list[str],
+    rewards,
+    step_weights: torch.Tensor | None,
+    *,
+    credit_mode: str,
+    num_steps: int,
+    reward_tracker: PerPromptStatTracker,
+    step_tracker: PerPromptStatTracker | None,
+    temporal_alpha: float,
+    adv_clip_max: float,
+    window_size: int = 1,
+) -> tuple[torch.Tensor, dict]:
+    """Advantages [B, T] float32 for every denoising step, and an info dict of scalars.
+
+    1. A = per-prompt normalised final reward (``reward_tracker``), clipped to +-adv_clip_max.
+    2. sparse: A on every step. uniform / coca: step rewards r = shape_step_rewards(A, weights,
+       temporal_alpha) (uniform ignores ``step_weights`` and uses 1/T), normalised again per prompt
+       by ``step_tracker`` and clipped.
+    ``window_size`` only sets which steps the coca credit-share metrics report on.
+    """
+    rewards = _as_numpy(rewards)
+    _validate(prompts, rewards, step_weights, credit_mode, num_steps)
+    if adv_clip_max <= 0:
+        raise ValueError(f"adv_clip_max must be > 0, got {adv_clip_max}")
+    device = step_weights.device if step_weights is not None else torch.device("cpu")
+
+    trajectory_advantages, adv_clip_frac = _clip_with_fraction(
+        reward_tracker.update(prompts, rewards).astype(np.float64), adv_clip_max
+    )
+    info = {
+        "reward_mean": float(rewards.mean()) if rewards.size else 0.0,
+        "reward_std": float(rewards.std()) if rewards.size else 0.0,
+        "adv_mean": float(trajectory_advantages.mean()) if rewards.size else 0.0,
+        "adv_std": float(trajectory_advantages.std()) if rewards.size else 0.0,
+        "adv_clip_frac": adv_clip_frac,
+    }
+    advantages = torch.as_tensor(trajectory_advantages, dtype=torch.float32, device=device)
+
+    if credit_mode == "sparse":
+        step_advantages = advantages.unsqueeze(1).expand(-1, num_steps).contiguous()
+    else:
+        if step_tracker is None:
+            raise ValueError(f"credit_mode {credit_mode!r} needs a step_tracker for the second normalisation")
+        if credit_mode == "uniform":
+            step_weights = uniform_step_weights(len(prompts), num_steps, device=device)
+        else:
+            info.update(_credit_shares(step_weights, window_size))
+        step_rewards = shape_step_rewards(advantages, step_weights, temporal_alpha)
+        normalised, step_clip_frac = _clip_with_fraction(
+            step_tracker.update(prompts, step_rewards.cpu().double().numpy()), adv_clip_max
+        )
+        step_advantages = torch.as_tensor(normalised, dtype=torch.float32, device=device)
+        info["step_reward_mean"] = float(step_rewards.mean()) if rewards.size else 0.0
+        info["step_adv_clip_frac"] = step_clip_frac
+
+    info["step_adv_mean"] = float(step_advantages.mean()) if rewards.size else 0.0
+    info["step_adv_std"] = float(step_advantages.std(unbiased=False)) if rewards.size else 0.0
+    return step_advantages, info

@@ -1,0 +1,271 @@
+"""The one typed configuration: dataclasses, loaded from YAML with dotted overrides, validated in one place.
+
+    config = load_config("configs/tiny.yaml", overrides=["train.lr=3e-4", "credit.mode=uniform"])
+
+Every error is a `ConfigError` whose message is one line naming the field and the fix; `launch`
+prints it and exits before any model is loaded or any Ray process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. The message names the field and says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "embedded:tiny"  # "embedded:tiny", a hub id, or a local diffusers folder
+    revision: str | None = None
+    dtype: str = "float32"  # float32 | float16 | bfloat16 (half precision needs a GPU)
+    device: str = "cpu"  # cpu | cuda
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 8.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    init_from: str | None = None  # a LoRA .safetensors (diffusers format) to start from
+
+
+@dataclass
+class SampleConfig:
+    prompts: str = "embedded:tiny_train"  # "embedded:NAME" or a text file, one prompt per line
+    negative_prompt: str = ""
+    num_steps: int = 20
+    eta: float = 1.0
+    guidance_scale: float = 4.0
+    batch_size: int = 16  # trajectories per rollout call
+    num_batches_per_epoch: int = 2
+    samples_per_prompt: int = 4  # each drawn prompt is sampled this many times per batch
+
+
+@dataclass
+class RewardSpec:
+    name: str = "preference"
+    weight: float = 1.0
+    path: str | None = None  # local weights or hub id, for rewards that load a model
+
+
+@dataclass
+class CreditConfig:
+    mode: str = "coca"  # coca | uniform (UCA) | sparse (DDPO)
+    window_size: int = 5
+    temporal_alpha: float = 0.0
+    buffer_size: int = 32  # trajectories kept per prompt by both normalisation stages
+    min_count: int = 16
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    batch_size: int = 8  # trajectories per optimizer step
+    num_inner_epochs: int = 1
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    max_grad_norm: float = 1.0
+    timestep_fraction: float = 1.0
+    kl_beta: float = 0.0  # KL to the reference policy (LoRA disabled); 0 = off
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    output_dir: str = "runs"
+    num_epochs: int = 12
+    seed: int = 0
+    save_every: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    credit: CreditConfig = field(default_factory=CreditConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.sample.batch_size * self.sample.num_batches_per_epoch
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then `section.key=value` overrides; validated before returning."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: file {str(path)!r} does not exist; pass a YAML file such as configs/tiny.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise ConfigError(f"--config: {path} is not valid YAML ({first_line}); fix the file") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping of sections (model:, sample:, ...)")
+    for override in overrides:
+        _apply_override(raw, override)
+    config = _build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. --set train.lr=3e-4")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {override!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def _build(cls, raw, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; valid keys are {', '.join(sorted(names))}")
+    values = {}
+    for name in raw:
+        values[name] = _convert(raw[name], hints[name], f"{where}.{name}" if where else name)
+    return cls(**values)
+
+
+def _convert(value, hint, where: str):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, options[0], where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" (no dot) as a string; accept what Python reads as a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} at {where}")  # a bug in this module, not user input
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _require(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def validate(config: Config) -> None:
+    """Every cross-field rule lives here, so a bad config fails before anything expensive starts."""
+    from dense_rl.credit import CREDIT_MODES
+    from dense_rl.rewards import REWARD_NAMES
+
+    model, sample, credit, train, run, lora = (
+        config.model, config.sample, config.credit, config.train, config.run, config.lora
+    )
+    _require(model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", f"{model.dtype!r} is not float32, float16 or bfloat16")
+    _require(model.device in ("cpu", "cuda"), "model.device", f"{model.device!r} is not cpu or cuda")
+    _require(model.dtype == "float32" or model.device == "cuda", "model.dtype",
+             f"{model.dtype} needs model.device=cuda; use float32 on CPU")
+
+    _require(lora.rank >= 1, "lora.rank", f"must be >= 1, got {lora.rank}")
+    _require(lora.alpha > 0, "lora.alpha", f"must be > 0, got {lora.alpha}")
+    _require(len(lora.target_modules) > 0, "lora.target_modules", "must name at least one module, e.g. [to_q, to_v]")
+
+    _require(sample.num_steps >= 1, "sample.num_steps", f"must be >= 1, got {sample.num_steps}")
+    _require(sample.eta > 0, "sample.eta", f"must be > 0 for step log-probs (got {sample.eta}); the paper uses 1.0")
+    _require(sample.guidance_scale >= 1.0, "sample.guidance_scale",
+             f"must be >= 1 (1 disables classifier-free guidance), got {sample.guidance_scale}")
+    _require(sample.batch_size >= 1, "sample.batch_size", f"must be >= 1, got {sample.batch_size}")
+    _require(sample.num_batches_per_epoch >= 1, "sample.num_batches_per_epoch",
+             f"must be >= 1, got {sample.num_batches_per_epoch}")
+    _require(sample.samples_per_prompt >= 1 and sample.batch_size % sample.samples_per_prompt == 0,
+             "sample.samples_per_prompt",
+             f"{sample.samples_per_prompt} must be >= 1 and divide sample.batch_size={sample.batch_size}")
+    _require(sample.prompts.startswith("embedded:") or Path(sample.prompts).is_file(), "sample.prompts",
+             f"file {sample.prompts!r} does not exist; give a text file with one prompt per line or embedded:tiny_train")
+
+    _require(len(config.rewards) >= 1, "rewards", "configure at least one reward, e.g. [{name: preference}]")
+    for i, spec in enumerate(config.rewards):
+        _require(spec.name in REWARD_NAMES, f"rewards[{i}].name",
+                 f"unknown reward {spec.name!r}; choose one of {', '.join(sorted(REWARD_NAMES))}")
+    names = [spec.name for spec in config.rewards]
+    _require(len(set(names)) == len(names), "rewards", f"a reward is listed twice in {names}; list each once")
+    _require(any(spec.weight != 0 for spec in config.rewards), "rewards", "every reward weight is 0")
+
+    _require(credit.mode in CREDIT_MODES, "credit.mode", f"unknown mode {credit.mode!r}; choose one of {', '.join(CREDIT_MODES)}")
+    _require(credit.window_size >= 1, "credit.window_size", f"must be >= 1, got {credit.window_size}")
+    _require(credit.mode != "coca" or sample.num_steps % credit.window_size == 0, "credit.window_size",
+             f"{credit.window_size} does not divide sample.num_steps={sample.num_steps}; pick a divisor")
+    _require(0.0 <= credit.temporal_alpha <= 1.0, "credit.temporal_alpha", f"must be in [0, 1], got {credit.temporal_alpha}")
+    _require(credit.buffer_size >= 1, "credit.buffer_size", f"must be >= 1, got {credit.buffer_size}")
+    _require(0 <= credit.min_count <= credit.buffer_size, "credit.min_count",
+             f"must be between 0 and credit.buffer_size={credit.buffer_size}, got {credit.min_count}")
+
+    _require(train.lr > 0, "train.lr", f"must be > 0, got {train.lr}")
+    _require(train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {train.batch_size}")
+    _require(config.samples_per_epoch % train.batch_size == 0, "train.batch_size",
+             f"{train.batch_size} does not divide the {config.samples_per_epoch} samples per epoch "
+             "(sample.batch_size x sample.num_batches_per_epoch)")
+    _require(train.num_inner_epochs >= 1, "train.num_inner_epochs", f"must be >= 1, got {train.num_inner_epochs}")
+    _require(train.clip_range > 0, "train.clip_range", f"must be > 0, got {train.clip_range}")
+    _require(train.adv_clip_max > 0, "train.adv_clip_max", f"must be > 0, got {train.adv_clip_max}")
+    _require(train.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0, got {train.max_grad_norm}")
+    _require(0 < train.timestep_fraction <= 1, "train.timestep_fraction", f"must be in (0, 1], got {train.timestep_fraction}")
+    _require(train.kl_beta >= 0, "train.kl_beta", f"must be >= 0, got {train.kl_beta}")
+
+    _require(run.num_epochs >= 1, "run.num_epochs", f"must be >= 1, got {run.num_epochs}")
+    _require(run.save_every >= 1, "run.save_every", f"must be >= 1, got {run.save_every}")
+    _require(bool(run.name) and "/" not in run.name, "run.name", f"{run.name!r} must be a non-empty name without '/'")

@@ -1,0 +1,1 @@
+"""Diffusion pieces: the pipeline loader, the DDIM log-prob step and the trajectory sampler."""

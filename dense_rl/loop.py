@@ -1,0 +1,105 @@
+"""The whole algorithm in one process: sample -> reward -> credit -> advantages -> PPO.
+
+This is the reference the Ray system is measured against (same functions, no distribution), and the
+quickest way to read what one epoch does.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dense_rl.advantages import compute_step_advantages
+from dense_rl.config import Config
+from dense_rl.diffusion.pipeline import load_pipeline
+from dense_rl.diffusion.sampler import Trajectories, sample_trajectories
+from dense_rl.lora import add_lora, load_lora_state_dict, read_lora_file
+from dense_rl.prompts import choose_prompts, load_prompts
+from dense_rl.rewards import WeightedRewards
+from dense_rl.scoring import score_trajectories
+from dense_rl.stats import PerPromptStatTracker
+from dense_rl.update import make_optimizer, ppo_update
+
+
+def build_policy(config: Config):
+    """The frozen pipeline with a trainable LoRA adapter; returns (pipe, lora_params)."""
+    pipe = load_pipeline(
+        config.model.pretrained, dtype=config.model.dtype, device=config.model.device, revision=config.model.revision
+    )
+    params = add_lora(pipe.unet, config.lora.rank, config.lora.alpha, config.lora.target_modules)
+    if config.lora.init_from:
+        load_lora_state_dict(pipe.unet, read_lora_file(config.lora.init_from))
+    return pipe, params
+
+
+def sample_epoch(pipe, config: Config, prompts: list[str], rng: np.random.Generator, generator, version: int = 0):
+    sample = config.sample
+    batches = [
+        sample_trajectories(
+            pipe, choose_prompts(rng, prompts, sample.batch_size, sample.samples_per_prompt),
+            num_steps=sample.num_steps, guidance_scale=sample.guidance_scale, eta=sample.eta,
+            negative_prompt=sample.negative_prompt, generator=generator, policy_version=version,
+        )
+        for _ in range(sample.num_batches_per_epoch)
+    ]
+    return Trajectories.concat(batches)
+
+
+@torch.no_grad()
+def evaluate(pipe, config: Config, rewards: WeightedRewards, prompts: list[str], seed: int) -> dict[str, float]:
+    """Mean of each reward over one fixed-seed sample per prompt (comparable across checkpoints)."""
+    generator = torch.Generator().manual_seed(seed)
+    trajectories = sample_trajectories(
+        pipe, prompts, num_steps=config.sample.num_steps, guidance_scale=config.sample.guidance_scale,
+        eta=config.sample.eta, negative_prompt=config.sample.negative_prompt, generator=generator,
+    )
+    total, components = rewards(trajectories.images, trajectories.prompts)
+    return {"reward": float(total.mean()), **{name: float(v.mean()) for name, v in components.items()}}
+
+
+def train(config: Config, *, show_progress: bool = True) -> list[dict[str, float]]:
+    """Train in this process; returns one metrics dict per epoch."""
+    torch.manual_seed(config.run.seed)
+    rng = np.random.default_rng(config.run.seed)
+    generator = torch.Generator().manual_seed(config.run.seed)
+
+    pipe, params = build_policy(config)
+    optimizer = make_optimizer(params, config.train)
+    rewards = WeightedRewards(config.rewards, device=config.model.device)
+    prompts = load_prompts(config.sample.prompts)
+    reward_tracker = PerPromptStatTracker(config.credit.buffer_size, config.credit.min_count)
+    step_tracker = PerPromptStatTracker(config.credit.buffer_size, config.credit.min_count)
+
+    history = []
+    bar = tqdm(range(config.run.num_epochs), desc="epochs", disable=not show_progress)
+    for epoch in bar:
+        started = time.perf_counter()
+        trajectories = sample_epoch(pipe, config, prompts, rng, generator, version=epoch)
+        scores = score_trajectories(rewards, trajectories, config.credit)
+        step_advantages, advantage_info = compute_step_advantages(
+            trajectories.prompts, scores.rewards.numpy(), scores.step_weights,
+            credit_mode=config.credit.mode, num_steps=config.sample.num_steps,
+            reward_tracker=reward_tracker, step_tracker=step_tracker,
+            temporal_alpha=config.credit.temporal_alpha, adv_clip_max=config.train.adv_clip_max,
+            window_size=config.credit.window_size,
+        )
+        update_info = ppo_update(
+            pipe.unet, pipe.scheduler, optimizer, params, trajectories, step_advantages, config.train,
+            eta=config.sample.eta, guidance_scale=config.sample.guidance_scale, generator=generator,
+        )
+        metrics = {
+            "epoch": epoch,
+            "reward_mean": float(scores.rewards.mean()),
+            "reward_std": float(scores.rewards.std()),
+            "credit_fallbacks": scores.num_fallbacks,
+            "epoch_seconds": time.perf_counter() - started,
+            **{f"reward/{name}": float(v.mean()) for name, v in scores.components.items()},
+            **{f"advantage/{k}": float(v) for k, v in advantage_info.items()},
+            **update_info,
+        }
+        history.append(metrics)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{update_info.get('approx_kl', 0):.2e}")
+    return history

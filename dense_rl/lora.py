@@ -1,0 +1,87 @@
+"""LoRA on the UNet through peft: add it, move its state around as tensors, export it for diffusers.
+
+The adapter state travels between roles as a flat `{name: tensor}` dict in peft's naming; files on
+disk use diffusers' naming, so `StableDiffusionPipeline.load_lora_weights(folder)` loads them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig as PeftLoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
+
+
+def add_lora(unet, rank: int, alpha: float, target_modules: list[str]) -> list[torch.nn.Parameter]:
+    """Attach a fresh adapter (B = 0, so the policy starts as the base model); returns its parameters.
+
+    LoRA parameters are kept in float32 even when the UNet runs in half precision: Adam updates of
+    size lr * 1 vanish in fp16.
+    """
+    config = PeftLoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights="gaussian")
+    try:
+        unet.add_adapter(config)
+    except ValueError as error:
+        raise ValueError(f"lora.target_modules: {error}") from None
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"lora.target_modules {target_modules} matched no layer of the UNet")
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The adapter's weights, detached on CPU (peft names, adapter name stripped)."""
+    return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def load_lora_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into the unet's adapter in place; shapes and names must match exactly."""
+    expected = get_peft_model_state_dict(unet)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        name = (missing or unexpected)[0]
+        raise ValueError(
+            f"LoRA state does not match the adapter: {len(missing)} missing and {len(unexpected)} unexpected "
+            f"keys (e.g. {name!r}); were lora.rank and lora.target_modules the same when it was saved?"
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"LoRA tensor {key!r} has shape {tuple(tensor.shape)}, the adapter expects {tuple(expected[key].shape)}; "
+                "was it saved with another lora.rank?"
+            )
+    result = set_peft_model_state_dict(unet, state)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"peft rejected LoRA keys, e.g. {result.unexpected_keys[0]!r}")
+
+
+def save_lora(unet, folder: str | Path) -> Path:
+    """Write the adapter as `folder/pytorch_lora_weights.safetensors` in diffusers' format."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = convert_state_dict_to_diffusers(lora_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    return folder / LORA_FILE
+
+
+def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A diffusers-format LoRA file (or a folder holding one) -> peft-named state for `load_lora_state_dict`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRA weights at {path}")
+    state = load_file(str(path))
+    unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    if not unet_state:
+        raise ValueError(f"{path} holds no UNet LoRA weights (keys should start with 'unet.')")
+    return convert_unet_state_dict_to_peft(unet_state)

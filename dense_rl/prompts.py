@@ -1,0 +1,39 @@
+"""Prompt sets: a text file with one prompt per line, or a set shipped with the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PROMPT_ASSETS = Path(__file__).resolve().parent / "assets" / "prompts"
+
+
+def prompt_file(spec: str) -> Path:
+    """"embedded:NAME" -> the shipped file NAME.txt; anything else is a path."""
+    if spec.startswith("embedded:"):
+        return PROMPT_ASSETS / f"{spec[len('embedded:'):]}.txt"
+    return Path(spec)
+
+
+def load_prompts(spec: str) -> list[str]:
+    """Non-empty, stripped lines of the prompt file. Errors name `sample.prompts` and the fix."""
+    path = prompt_file(spec)
+    if not path.is_file():
+        shipped = ", ".join(f"embedded:{p.stem}" for p in sorted(PROMPT_ASSETS.glob("*.txt")))
+        raise ValueError(f"sample.prompts: {str(path)!r} does not exist; give a text file or one of {shipped}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"sample.prompts: {path} is not UTF-8 text (byte {error.start}); re-save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"sample.prompts: {path} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def choose_prompts(rng: np.random.Generator, prompts: list[str], batch_size: int, samples_per_prompt: int) -> list[str]:
+    """`batch_size / samples_per_prompt` prompts drawn with replacement, each repeated, so that the
+    per-prompt normaliser sees several samples of the same prompt."""
+    picks = rng.integers(len(prompts), size=batch_size // samples_per_prompt)
+    return [prompts[i] for i in picks for _ in range(samples_per_prompt)]

@@ -1,0 +1,52 @@
+"""Reward functions: `reward(images [B,3,H,W] in [0,1], prompts) -> float32 [B]`, built by name.
+
+Each backend lives in its own module and is imported only when built, so validating a config never
+loads a model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import torch
+
+# name -> (module, class)
+_BACKENDS = {
+    "preference": ("dense_rl.rewards.tiny", "PreferenceReward"),
+    "digit_alignment": ("dense_rl.rewards.tiny", "DigitAlignmentReward"),
+    "jpeg_compressibility": ("dense_rl.rewards.jpeg", "JpegCompressibility"),
+    "jpeg_incompressibility": ("dense_rl.rewards.jpeg", "JpegIncompressibility"),
+}
+REWARD_NAMES = frozenset(_BACKENDS)
+# Backends that score pixels with no weights of their own take no path or device.
+_WEIGHTLESS = {"jpeg_compressibility", "jpeg_incompressibility"}
+
+
+class RewardFunction(Protocol):
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
+
+
+def build_reward(name: str, path: str | None = None, device: str = "cpu") -> RewardFunction:
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(sorted(REWARD_NAMES))}")
+    module_name, class_name = _BACKENDS[name]
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if name in _WEIGHTLESS:
+        return cls()
+    return cls(path=path, device=device)
+
+
+class WeightedRewards:
+    """Several rewards combined as a weighted sum; also reports each component."""
+
+    def __init__(self, specs, device: str = "cpu"):
+        self.weights = {spec.name: spec.weight for spec in specs}
+        self.rewards = {spec.name: build_reward(spec.name, spec.path, device) for spec in specs}
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        components = {
+            name: torch.as_tensor(reward(images, prompts)).float().cpu() for name, reward in self.rewards.items()
+        }
+        total = sum(self.weights[name] * value for name, value in components.items())
+        return total, components

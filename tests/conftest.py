@@ -1,0 +1,64 @@
+"""Shared fixtures. Nothing here downloads: tiny models are built and saved by the tests themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _write_clip_bpe(folder) -> tuple[str, str]:
+    """A character-level CLIP BPE vocabulary: enough for CLIPTokenizer to tokenise English text."""
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789,.!"
+    tokens = ["<|startoftext|>", "<|endoftext|>", "!"] + list(letters) + [c + "</w>" for c in letters]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    vocab_file.write_text(json.dumps(vocab))
+    merges_file.write_text("#version: 0.2\n")
+    return str(vocab_file), str(merges_file)
+
+
+def build_tiny_sd(folder, *, set_alpha_to_one: bool = False) -> str:
+    """Save a Stable-Diffusion-1.5-shaped pipeline (VAE, UNet, CLIP text encoder and tokenizer, PNDM
+    scheduler), a few hundred kB, and return its folder."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_file, merges_file = _write_clip_bpe(folder)
+    tokenizer = CLIPTokenizer(vocab_file, merges_file, model_max_length=24)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=24, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+        set_alpha_to_one=set_alpha_to_one, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder / "pipeline", safe_serialization=True)
+    return str(folder / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> str:
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))

@@ -1,0 +1,96 @@
+"""The one loader and the trajectory sampler, on a tiny SD-shaped pipeline the test builds."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from dense_rl.diffusion.ddim import ddim_step_with_logprob
+from dense_rl.diffusion.pipeline import latent_shape, load_pipeline
+from dense_rl.diffusion.sampler import Trajectories, predict_noise, sample_trajectories
+
+from conftest import build_tiny_sd
+
+PROMPTS = ["a red cat", "a blue dog", "a cat"]
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(tiny_sd_dir):
+    return load_pipeline(tiny_sd_dir)
+
+
+def _sample(pipe, seed=0, **kwargs):
+    options = dict(num_steps=6, guidance_scale=4.0, eta=1.0)
+    options.update(kwargs)
+    return sample_trajectories(pipe, PROMPTS, generator=torch.Generator().manual_seed(seed), **options)
+
+
+def test_loader_builds_a_frozen_ddim_pipeline_with_vae(sd_pipe):
+    assert isinstance(sd_pipe.scheduler, DDIMScheduler)  # the folder ships PNDM, as SD 1.5 does
+    assert sd_pipe.vae is not None and sd_pipe.safety_checker is None
+    assert not any(p.requires_grad for p in sd_pipe.unet.parameters())
+    assert latent_shape(sd_pipe) == (4, 8, 8)
+
+
+def test_loader_fixes_alpha_to_one(tmp_path):
+    pipe = load_pipeline(build_tiny_sd(tmp_path, set_alpha_to_one=True))
+    assert pipe.scheduler.config.set_alpha_to_one is False
+
+
+def test_loader_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        load_pipeline(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no embedded model 'embedded:nope'"):
+        load_pipeline("embedded:nope")
+
+
+def test_trajectory_shapes_through_the_vae(sd_pipe):
+    trajectories = _sample(sd_pipe)
+    assert trajectories.latents.shape == (3, 7, 4, 8, 8)
+    assert trajectories.x0_preds.shape == (3, 6, 4, 8, 8)
+    assert trajectories.log_probs.shape == (3, 6) and torch.isfinite(trajectories.log_probs).all()
+    assert trajectories.images.shape == (3, 3, 16, 16)  # decoded by the VAE (2x upsampling)
+    assert 0 <= trajectories.images.min() and trajectories.images.max() <= 1
+    assert trajectories.timesteps.shape == (6,) and trajectories.negative_prompt_embeds.shape[0] == 3
+
+
+def test_sampling_is_seeded(sd_pipe):
+    a, b, c = _sample(sd_pipe, seed=1), _sample(sd_pipe, seed=1), _sample(sd_pipe, seed=2)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
+    assert not torch.allclose(a.latents, c.latents)
+
+
+def test_no_guidance_skips_negative_prompt(sd_pipe):
+    trajectories = _sample(sd_pipe, guidance_scale=1.0)
+    assert trajectories.negative_prompt_embeds is None
+
+
+def test_stored_log_probs_are_reproduced_by_the_ppo_path(sd_pipe):
+    """Scoring the stored actions with unchanged weights gives the sampling log-probs (PPO ratio 1),
+    with one timestep per row in shuffled order."""
+    trajectories = _sample(sd_pipe)
+    scheduler = sd_pipe.scheduler
+    scheduler.set_timesteps(trajectories.num_steps)
+    step = torch.tensor([4, 0, 2])
+    rows = torch.arange(3)
+    sample = trajectories.latents[rows, step]
+    timesteps = trajectories.timesteps[step]
+    with torch.no_grad():
+        noise_pred = predict_noise(sd_pipe.unet, sample, timesteps, trajectories.prompt_embeds,
+                                   trajectories.negative_prompt_embeds, 4.0)
+    _, log_prob, _ = ddim_step_with_logprob(scheduler, noise_pred, timesteps, sample, 1.0,
+                                            prev_sample=trajectories.latents[rows, step + 1])
+    torch.testing.assert_close(log_prob, trajectories.log_probs[rows, step], atol=1e-4, rtol=1e-4)
+
+
+def test_select_and_concat(sd_pipe):
+    trajectories = _sample(sd_pipe)
+    picked = trajectories.select(torch.tensor([2, 0]))
+    assert picked.prompts == [PROMPTS[2], PROMPTS[0]]
+    assert torch.equal(picked.latents[0], trajectories.latents[2])
+    joined = Trajectories.concat([picked, trajectories.select(slice(1, 2))])
+    assert joined.batch_size == 3 and joined.prompts[-1] == PROMPTS[1]
+
+
+def test_empty_prompts_rejected(sd_pipe):
+    with pytest.raises(ValueError, match="prompts is empty"):
+        sample_trajectories(sd_pipe, [], num_steps=2, guidance_scale=1.0)
