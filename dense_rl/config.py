@@ -83,11 +83,26 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "tiny"
+    name: str = ""  # empty: "run-<date>-<time>"; an existing name must be resumed, not reused
     output_dir: str = "runs"
     num_epochs: int = 12
     seed: int = 0
     save_every: int = 1
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # a Ray address; None joins a running cluster if any, else starts one; "local" always starts one
+    num_rollout_workers: int = 2
+    num_reward_workers: int = 1
+    num_learner_workers: int = 2  # Ray Train DDP workers
+    rollout_cpus: float = 1.0  # per actor; torch uses this many threads
+    rollout_gpus: float = 0.0  # per actor; > 0 places the pipeline on CUDA
+    reward_cpus: float = 0.5
+    reward_gpus: float = 0.0
+    learner_cpus: float = 1.0
+    learner_gpus: float = 0.0  # per worker; > 0 trains on CUDA with NCCL
+    max_policy_lag: int = 0  # 0: sync, exactly on-policy; >= 1: async, rollouts overlap the update
 
 
 @dataclass
@@ -99,6 +114,7 @@ class Config:
     credit: CreditConfig = field(default_factory=CreditConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -266,6 +282,18 @@ def validate(config: Config) -> None:
     _require(0 < train.timestep_fraction <= 1, "train.timestep_fraction", f"must be in (0, 1], got {train.timestep_fraction}")
     _require(train.kl_beta >= 0, "train.kl_beta", f"must be >= 0, got {train.kl_beta}")
 
+    cluster = config.cluster
+    for name in ("num_rollout_workers", "num_reward_workers", "num_learner_workers"):
+        _require(getattr(cluster, name) >= 1, f"cluster.{name}", f"must be >= 1, got {getattr(cluster, name)}")
+    for name in ("rollout_cpus", "reward_cpus", "learner_cpus", "rollout_gpus", "reward_gpus", "learner_gpus"):
+        _require(getattr(cluster, name) >= 0, f"cluster.{name}", f"must be >= 0, got {getattr(cluster, name)}")
+    _require(train.batch_size % cluster.num_learner_workers == 0, "train.batch_size",
+             f"{train.batch_size} is not divisible by cluster.num_learner_workers={cluster.num_learner_workers}; "
+             "each learner takes an equal share of every optimizer step")
+    _require(cluster.max_policy_lag >= 0, "cluster.max_policy_lag", f"must be >= 0 (0 = sync), got {cluster.max_policy_lag}")
+    _require(model.device == "cpu" or (cluster.rollout_gpus > 0 and cluster.learner_gpus > 0), "model.device",
+             "cuda needs cluster.rollout_gpus > 0 and cluster.learner_gpus > 0 so the actors are placed on GPUs")
+
     _require(run.num_epochs >= 1, "run.num_epochs", f"must be >= 1, got {run.num_epochs}")
     _require(run.save_every >= 1, "run.save_every", f"must be >= 1, got {run.save_every}")
-    _require(bool(run.name) and "/" not in run.name, "run.name", f"{run.name!r} must be a non-empty name without '/'")
+    _require("/" not in run.name, "run.name", f"{run.name!r} must be a name, not a path; use run.output_dir for the folder")

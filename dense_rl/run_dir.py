@@ -46,6 +46,9 @@ class RunDir:
     def path(self, relative: str) -> str:
         return str(PurePosixPath(self.root) / relative)
 
+    def child(self, relative: str) -> "RunDir":
+        return RunDir(f"{self.uri.rstrip('/')}/{relative}")
+
     def exists(self, relative: str) -> bool:
         return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
 

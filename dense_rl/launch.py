@@ -1,0 +1,151 @@
+"""`python -m dense_rl.launch`: config -> actors + trainer -> the epoch loop.
+
+    python -m dense_rl.launch                                    # the embedded tiny model, local Ray
+    python -m dense_rl.launch --config configs/tiny.yaml --set train.lr=1e-4 --set credit.mode=uniform
+    python -m dense_rl.launch --resume runs/tiny                 # continue from the newest checkpoint
+    ray job submit --working-dir . -- python -m dense_rl.launch --config configs/sd15-hps.yaml
+
+Every input is checked before Ray starts; a bad one prints one line naming the field and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+
+from dense_rl.config import Config, ConfigError, load_config
+
+log = logging.getLogger("dense_rl")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m dense_rl.launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML preset, e.g. configs/tiny.yaml (default: built-in tiny defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value; repeatable")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the single-process reference loop instead of the Ray system")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, str]:
+    """The config and the run directory URI. On --resume the run's own config.yaml is the base."""
+    from dense_rl.run_dir import RunDir
+    from dense_rl.run_record import CONFIG_FILE
+
+    if args.resume:
+        if args.config:
+            raise ConfigError("--config: not allowed with --resume (the run's own config is used); use --set to change values")
+        run = RunDir(args.resume)
+        if not run.exists(CONFIG_FILE):
+            raise ConfigError(f"--resume: {args.resume} is not a dense_rl run (no {CONFIG_FILE}); pass the run's directory")
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("wb", suffix=".yaml") as copy:
+            copy.write(run.read_bytes(CONFIG_FILE))
+            copy.flush()
+            config = load_config(copy.name, args.overrides)
+        return config, run.uri
+    config = load_config(args.config, args.overrides)
+    if not config.run.name:
+        config.run.name = time.strftime("run-%Y%m%d-%H%M%S")
+    return config, f"{config.run.output_dir.rstrip('/')}/{config.run.name}"
+
+
+def preflight(config: Config, run_uri: str, resuming: bool) -> None:
+    """Checks that need files but no models: run before any actor starts."""
+    from dense_rl.prompts import load_prompts
+    from dense_rl.run_dir import RunDir
+
+    try:
+        load_prompts(config.sample.prompts)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if config.lora.init_from and not os.path.exists(config.lora.init_from):
+        raise ConfigError(f"lora.init_from: {config.lora.init_from!r} does not exist; give a LoRA .safetensors file or folder")
+    run = RunDir(run_uri)
+    if not resuming and run.latest_checkpoint() is not None:
+        raise ConfigError(
+            f"run.name: {run_uri} already holds a run; resume it with --resume {run_uri} or pick another run.name"
+        )
+    try:
+        run.check_writable()
+    except PermissionError as error:
+        raise ConfigError(str(error)) from None
+
+
+def start_ray(config: Config) -> None:
+    """Join the configured cluster, else a running one (`ray start`, `ray job submit`), else start one here.
+    `cluster.address: local` always starts a private instance (tests use it)."""
+    import ray
+
+    options = dict(logging_level=logging.WARNING)
+    address = config.cluster.address
+    if address and address != "local":
+        ray.init(address=address, **options)
+        return
+    if address != "local":
+        try:
+            ray.init(address="auto", **options)
+            return
+        except ConnectionError:
+            pass
+    cluster = config.cluster
+    needed = (cluster.num_rollout_workers * cluster.rollout_cpus + cluster.num_reward_workers * cluster.reward_cpus
+              + cluster.num_learner_workers * cluster.learner_cpus)
+    # Logical CPUs: actors are sized for a real cluster; on a laptop they share its cores.
+    ray.init(address="local", num_cpus=max(math.ceil(needed), os.cpu_count() or 1), include_dashboard=False, **options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        config, run_uri = resolve_config(args)
+        preflight(config, run_uri, resuming=bool(args.resume))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    if args.in_process:
+        from dense_rl.loop import train
+
+        history = train(config, show_progress=not args.quiet)
+        print(f"in-process run done: reward {history[0]['reward_mean']:.4f} -> {history[-1]['reward_mean']:.4f}")
+        return 0
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    import ray
+
+    from dense_rl.driver import Driver
+    from dense_rl.run_dir import RunDir
+    from dense_rl.run_record import RunRecorder, load_resume_point
+
+    run = RunDir(run_uri)
+    recorder = RunRecorder(run, config)
+    state, weights, checkpoint = load_resume_point(run, config)
+    if checkpoint is None:
+        recorder.write_config()
+    else:
+        log.info("resuming %s from %s (epoch %d)", run.uri, checkpoint, state.epoch)
+    start_ray(config)
+    try:
+        history = Driver(config, recorder, state, weights).run(show_progress=not args.quiet)
+    finally:
+        ray.shutdown()
+    if history:
+        first, last = history[0], history[-1]
+        print(f"done: {run.uri}  reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f} "
+              f"over {last['samples_seen']} samples; see reward_curve.png and images/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""RewardWorker: final reward per image and per-step credit weights for a trajectory batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from dense_rl.config import Config
+from dense_rl.diffusion.sampler import Trajectories
+from dense_rl.roles.rollout import use_actor_cpus
+from dense_rl.scoring import Scores, score_trajectories
+
+
+@dataclass
+class ScoredBatch:
+    """What the driver needs from a batch, without the heavy tensors (those stay in the object store)."""
+
+    prompts: list[str]
+    policy_version: int
+    scores: Scores
+    preview: torch.Tensor  # uint8 [n, 3, H, W]: the first images, for the epoch's grid
+
+
+@ray.remote
+class RewardWorker:
+    def __init__(self, config: Config, num_cpus: float = 1.0, preview_count: int = 8):
+        from dense_rl.rewards import WeightedRewards
+
+        use_actor_cpus(num_cpus)
+        self.credit = config.credit
+        self.rewards = WeightedRewards(config.rewards, device=config.model.device)
+        self.preview_count = preview_count
+
+    def score(self, trajectories: Trajectories) -> ScoredBatch:
+        scores = score_trajectories(self.rewards, trajectories, self.credit)
+        preview = (trajectories.images[: self.preview_count] * 255).round().to(torch.uint8)
+        return ScoredBatch(trajectories.prompts, trajectories.policy_version, scores, preview)
