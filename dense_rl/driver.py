@@ -49,7 +49,8 @@ class DriverState:
 
 
 class Driver:
-    def __init__(self, config: Config, recorder: RunRecorder, state: DriverState, initial_weights: dict | None):
+    def __init__(self, config: Config, recorder: RunRecorder, state: DriverState, initial_weights: dict | None = None,
+                 resume_from: str | None = None):
         self.config = config
         self.recorder = recorder
         self.state = state
@@ -66,7 +67,8 @@ class Driver:
         if initial_weights is not None:  # resuming: rollouts start from the checkpoint's LoRA
             weights = ray.put(initial_weights)
             ray.get([w.set_weights.remote(state.epoch, [weights]) for w in self.rollout_workers])
-        self.learner = LearnerGroup(config, self.rollout_workers, recorder.run.uri, start_version=state.epoch)
+        self.learner = LearnerGroup(config, self.rollout_workers, recorder.run.uri, start_version=state.epoch,
+                                    resume_from=resume_from)
 
     # ------------------------------------------------------------------ one stage each
 
@@ -115,7 +117,8 @@ class Driver:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, show_progress: bool = True) -> list[dict]:
+    def run(self, show_progress: bool = True, on_epoch=None) -> list[dict]:
+        """Run to config.run.num_epochs; `on_epoch(driver, metrics)` is called after each epoch."""
         config, state = self.config, self.state
         asynchronous = config.cluster.max_policy_lag >= 1
         bar = tqdm(total=config.run.num_epochs, initial=state.epoch, desc="epochs", unit="epoch",
@@ -146,11 +149,13 @@ class Driver:
                     timings={"sample_and_score": sampled_and_scored - started, "learn_and_sync": learned - sampled_and_scored},
                 )
                 state.history.append(metrics)
-                self.recorder.record_epoch(epoch, state, scored, metrics, checkpoint_written=result.checkpoint_written)
+                self.recorder.record_epoch(epoch, state, scored, metrics, checkpoint=result.checkpoint)
                 bar.update(1)
                 bar.set_postfix(samples=state.samples_seen, reward=f"{metrics['reward_mean']:.3f}",
                                 samples_per_s=f"{metrics['samples_per_second']:.1f}")
                 log.info(self.recorder.epoch_line(metrics))
+                if on_epoch is not None:
+                    on_epoch(self, metrics)
         finally:
             bar.close()
             self.learner.close()

@@ -31,13 +31,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--in-process", action="store_true",
                         help="run the single-process reference loop instead of the Ray system")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs and the actors' output")
     return parser.parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Config, str]:
     """The config and the run directory URI. On --resume the run's own config.yaml is the base."""
-    from dense_rl.run_dir import RunDir
-    from dense_rl.run_record import CONFIG_FILE
+    from dense_rl.run_dir import CONFIG_FILE, RunDir
 
     if args.resume:
         if args.config:
@@ -80,30 +80,63 @@ def preflight(config: Config, run_uri: str, resuming: bool) -> None:
         raise ConfigError(str(error)) from None
 
 
-def start_ray(config: Config) -> None:
-    """Join the configured cluster, else a running one (`ray start`, `ray job submit`), else start one here.
-    `cluster.address: local` always starts a private instance (tests use it)."""
+def start_ray(config: Config, verbose: bool = False) -> None:
+    """Join the configured cluster, else the one `ray start` or `ray job submit` set up (RAY_ADDRESS),
+    else start a private one here. `cluster.address: local` always starts a private one."""
     import ray
 
-    options = dict(logging_level=logging.WARNING)
+    # Actor and worker output goes to Ray's log files (/tmp/ray/session_latest/logs) unless --verbose;
+    # errors still reach the driver as exceptions.
+    options = dict(logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose)
     address = config.cluster.address
     if address and address != "local":
         ray.init(address=address, **options)
         return
-    if address != "local":
-        try:
-            ray.init(address="auto", **options)
-            return
-        except ConnectionError:
-            pass
     cluster = config.cluster
     needed = (cluster.num_rollout_workers * cluster.rollout_cpus + cluster.num_reward_workers * cluster.reward_cpus
               + cluster.num_learner_workers * cluster.learner_cpus)
     # Logical CPUs: actors are sized for a real cluster; on a laptop they share its cores.
-    ray.init(address="local", num_cpus=max(math.ceil(needed), os.cpu_count() or 1), include_dashboard=False, **options)
+    num_cpus = max(math.ceil(needed), os.cpu_count() or 1)
+    if address == "local":
+        ray.init(address="local", num_cpus=num_cpus, **options)
+        return
+    try:
+        ray.init(num_cpus=num_cpus, **options)  # starts one unless RAY_ADDRESS / `ray start` names a cluster
+    except ValueError as error:
+        if "existing cluster" not in str(error):
+            raise
+        ray.init(**options)  # a running cluster brings its own resources
+
+
+def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verbose: bool = False,
+               on_epoch=None) -> list[dict]:
+    """Start (or resume) the run in `run_uri` on Ray and train to config.run.num_epochs."""
+    import ray
+
+    from dense_rl.driver import Driver
+    from dense_rl.run_dir import RunDir
+    from dense_rl.run_record import RunRecorder, load_resume_point
+
+    run = RunDir(run_uri)
+    recorder = RunRecorder(run, config)
+    state, weights, checkpoint = load_resume_point(run, config)
+    if checkpoint is None:
+        recorder.write_config()
+    else:
+        log.info("resuming %s from %s (epoch %d)", run.uri, checkpoint, state.epoch)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one noisy line per run, no use locally
+    start_ray(config, verbose)
+    try:
+        return Driver(config, recorder, state, weights, resume_from=checkpoint).run(
+            show_progress=show_progress, on_epoch=on_epoch
+        )
+    finally:
+        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers announces optional backends it lacks (torchvision) on import; not our users' concern.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -120,29 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"in-process run done: reward {history[0]['reward_mean']:.4f} -> {history[-1]['reward_mean']:.4f}")
         return 0
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    import ray
-
-    from dense_rl.driver import Driver
-    from dense_rl.run_dir import RunDir
-    from dense_rl.run_record import RunRecorder, load_resume_point
-
-    run = RunDir(run_uri)
-    recorder = RunRecorder(run, config)
-    state, weights, checkpoint = load_resume_point(run, config)
-    if checkpoint is None:
-        recorder.write_config()
-    else:
-        log.info("resuming %s from %s (epoch %d)", run.uri, checkpoint, state.epoch)
-    start_ray(config)
-    try:
-        history = Driver(config, recorder, state, weights).run(show_progress=not args.quiet)
-    finally:
-        ray.shutdown()
+    history = run_system(config, run_uri, show_progress=not args.quiet, verbose=args.verbose)
     if history:
         first, last = history[0], history[-1]
-        print(f"done: {run.uri}  reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f} "
+        print(f"done: {run_uri}  reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f} "
               f"over {last['samples_seen']} samples; see reward_curve.png and images/")
     return 0
 

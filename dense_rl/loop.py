@@ -60,13 +60,16 @@ def evaluate(pipe, config: Config, rewards: WeightedRewards, prompts: list[str],
     return {"reward": float(total.mean()), **{name: float(v.mean()) for name, v in components.items()}}
 
 
-def train(config: Config, *, show_progress: bool = True) -> list[dict[str, float]]:
-    """Train in this process; returns one metrics dict per epoch."""
+def train(config: Config, *, show_progress: bool = True, keep_policy: dict | None = None) -> list[dict[str, float]]:
+    """Train in this process; returns one metrics dict per epoch (and the trained pipeline in
+    keep_policy["pipe"] when a dict is given)."""
     torch.manual_seed(config.run.seed)
     rng = np.random.default_rng(config.run.seed)
     generator = torch.Generator().manual_seed(config.run.seed)
 
     pipe, params = build_policy(config)
+    if keep_policy is not None:
+        keep_policy["pipe"] = pipe
     optimizer = make_optimizer(params, config.train)
     rewards = WeightedRewards(config.rewards, device=config.model.device)
     prompts = load_prompts(config.sample.prompts)

@@ -37,3 +37,16 @@ def choose_prompts(rng: np.random.Generator, prompts: list[str], batch_size: int
     per-prompt normaliser sees several samples of the same prompt."""
     picks = rng.integers(len(prompts), size=batch_size // samples_per_prompt)
     return [prompts[i] for i in picks for _ in range(samples_per_prompt)]
+
+
+def write_tiny_prompt_sets() -> None:
+    """Regenerate the embedded tiny model's prompt sets (`python -m dense_rl.prompts`)."""
+    from dense_rl.models.tiny.data import prompt_list
+
+    PROMPT_ASSETS.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "heldout"):
+        (PROMPT_ASSETS / f"tiny_{split}.txt").write_text("\n".join(prompt_list(split)) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    write_tiny_prompt_sets()

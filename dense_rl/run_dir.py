@@ -5,7 +5,8 @@
     RUN/samples/epoch-0003.parquet       one row per sample: prompt, reward, per-step credits, policy version
     RUN/images/epoch-0003.png            a grid of the epoch's first samples
     RUN/reward_curve.png                 reward vs samples seen, redrawn every epoch
-    RUN/checkpoints/epoch-0003/          LoRA (diffusers format), optimizer, driver state
+    RUN/checkpoints/<fit>/epoch-0003/    LoRA (diffusers format), optimizer, driver state; <fit> names
+                                         one learner-group run (a resumed run starts a new one)
     RUN/latest.json                      the newest *complete* checkpoint; written last
 
 Every file is written under a temporary name and renamed into place (on object stores, where rename
@@ -29,11 +30,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 CHECKPOINTS = "checkpoints"
+CONFIG_FILE = "config.yaml"
 LATEST = "latest.json"
-
-
-def checkpoint_name(epoch: int) -> str:
-    return f"{CHECKPOINTS}/epoch-{epoch:04d}"
 
 
 class RunDir:
@@ -100,11 +98,11 @@ class RunDir:
     # ------------------------------------------------------------------ checkpoints
 
     def latest_checkpoint(self) -> dict | None:
-        """{"epoch": k, "path": "checkpoints/epoch-000k"} for the newest complete checkpoint, or None."""
+        """{"epoch": k, "path": "checkpoints/<fit>/epoch-000k"} for the newest complete checkpoint, or None."""
         return self.read_json(LATEST) if self.exists(LATEST) else None
 
-    def mark_latest(self, epoch: int) -> None:
-        self.write_json(LATEST, {"epoch": epoch, "path": checkpoint_name(epoch)})
+    def mark_latest(self, epoch: int, path: str) -> None:
+        self.write_json(LATEST, {"epoch": epoch, "path": path})
 
 
 # ---------------------------------------------------------------------- optimizer state as safetensors

@@ -8,10 +8,9 @@ import yaml
 from dense_rl.config import Config
 from dense_rl.lora import LORA_FILE, read_lora_file
 from dense_rl.plots import image_grid_png, reward_curve_png
-from dense_rl.run_dir import RunDir, checkpoint_name
+from dense_rl.run_dir import CONFIG_FILE, RunDir
 from dense_rl.stats import PerPromptStatTracker
 
-CONFIG_FILE = "config.yaml"
 DRIVER_STATE = "driver_state.json"
 
 
@@ -54,7 +53,7 @@ class RunRecorder:
             f"clipfrac {metrics.get('learner_clipfrac', 0.0):.3f}  {metrics['samples_per_second']:.2f} samples/s"
         )
 
-    def record_epoch(self, epoch: int, state, scored, metrics: dict, checkpoint_written: bool) -> None:
+    def record_epoch(self, epoch: int, state, scored, metrics: dict, checkpoint: str | None) -> None:
         import torch
 
         run = self.run
@@ -78,11 +77,11 @@ class RunRecorder:
             [m["samples_seen"] for m in history], [m["reward_mean"] for m in history],
             [m["reward_std"] for m in history], title=f"{self.config.run.name}: {self.config.credit.mode}",
         ))
-        if checkpoint_written:
+        if checkpoint is not None:
             # The learner has written LoRA + optimizer into this checkpoint; the driver state goes
             # in last, then latest.json names it, so a crash in between leaves the previous one current.
-            run.write_json(f"{checkpoint_name(state.epoch)}/{DRIVER_STATE}", driver_state_dict(state))
-            run.mark_latest(state.epoch)
+            run.write_json(f"{checkpoint}/{DRIVER_STATE}", driver_state_dict(state))
+            run.mark_latest(state.epoch, checkpoint)
 
     def write_config(self) -> None:
         self.run.write_bytes(CONFIG_FILE, yaml.safe_dump(self.config.to_dict(), sort_keys=False).encode())

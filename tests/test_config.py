@@ -70,3 +70,8 @@ def test_bad_files(tmp_path):
     listing.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(listing)
+
+
+def test_defaults_are_the_tiny_preset():
+    """`python -m dense_rl.launch` with no --config runs exactly configs/tiny.yaml."""
+    assert load_config("configs/tiny.yaml") == load_config()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from ray.util.queue import Empty, Queue
 
 from dense_rl.config import Config
-from dense_rl.run_dir import CHECKPOINTS, checkpoint_name
+from dense_rl.run_dir import CHECKPOINTS
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 
@@ -30,7 +31,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 class LearnerResult:
     version: int
     metrics: dict
-    checkpoint_written: bool
+    checkpoint: str | None  # the checkpoint folder, relative to the run directory, when one was saved
 
 
 def update_seed(seed: int, epoch: int, rank: int) -> int:
@@ -74,8 +75,8 @@ def learner_loop(loop_config: dict) -> None:
         with checkpoint.as_directory() as folder:
             restore(RunDir(folder))
         version = int(Path(checkpoint.path).name.split("-")[-1])
-    elif version > 0:
-        restore(run.child(checkpoint_name(version)))
+    elif loop_config["resume_from"] is not None:
+        restore(run.child(loop_config["resume_from"]))
 
     unet = ray.train.torch.prepare_model(pipe.unet, parallel_strategy_kwargs={"find_unused_parameters": False}) \
         if world_size > 1 else pipe.unet
@@ -101,17 +102,20 @@ def learner_loop(loop_config: dict) -> None:
             # Publish once; wait until every worker holds it so the next epoch samples on-policy.
             weights = ray.put(lora_state_dict(pipe.unet))
             ray.get([worker.set_weights.remote(version, [weights]) for worker in rollout_workers])
+        # Every rank reports (it is a barrier); only rank 0 attaches the checkpoint.
         if save and rank == 0:
+            folder_name = f"epoch-{version:04d}"
             with tempfile.TemporaryDirectory() as folder:
                 save_lora(pipe.unet, folder)
                 tensors, metadata = optimizer_to_tensors(optimizer)
                 RunDir(folder).write_tensors(OPTIMIZER_FILE, tensors, metadata)
                 ray.train.report(info, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                                 checkpoint_dir_name=Path(checkpoint_name(version)).name)
+                                 checkpoint_dir_name=folder_name)
         else:
             ray.train.report(info)
         if rank == 0:
-            outbox.put(LearnerResult(version, info, save))
+            saved = f"{loop_config['checkpoint_prefix']}/epoch-{version:04d}" if save else None
+            outbox.put(LearnerResult(version, info, saved))
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -125,7 +129,8 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 class LearnerGroup:
     """The driver's handle on the learner: submit an epoch, wait for its result, close."""
 
-    def __init__(self, config: Config, rollout_workers: list, run_uri: str, start_version: int):
+    def __init__(self, config: Config, rollout_workers: list, run_uri: str, start_version: int,
+                 resume_from: str | None):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
@@ -136,17 +141,21 @@ class LearnerGroup:
         resources = {"CPU": cluster.learner_cpus}
         if cluster.learner_gpus > 0:
             resources["GPU"] = cluster.learner_gpus
+        # A fresh name per fit: Ray Train resumes a same-named run from *its* newest checkpoint, which
+        # can be ahead of the driver's (the driver may have died before recording it).
+        fit_name = f"from-epoch-{start_version:04d}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.trainer = TorchTrainer(
             learner_loop,
             train_loop_config={
                 "config": config, "inboxes": self.inboxes, "outbox": self.outbox,
                 "rollout_workers": rollout_workers, "run_uri": run_uri, "start_version": start_version,
+                "resume_from": resume_from, "checkpoint_prefix": f"{CHECKPOINTS}/{fit_name}",
             },
             scaling_config=ScalingConfig(
                 num_workers=self.num_workers, use_gpu=cluster.learner_gpus > 0, resources_per_worker=resources
             ),
             run_config=RunConfig(
-                name=CHECKPOINTS, storage_path=run_uri,
+                name=fit_name, storage_path=f"{run_uri.rstrip('/')}/{CHECKPOINTS}",
                 failure_config=FailureConfig(max_failures=2),
                 checkpoint_config=CheckpointConfig(num_to_keep=None),
             ),

@@ -1,0 +1,50 @@
+"""`ray start --head` + `ray job submit -- python -m dense_rl.launch` runs the same job on that cluster."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dense_rl.run_dir import RunDir
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_job_submit_to_a_head_started_here(tmp_path):
+    # The job's `python` is whatever was first on PATH when `ray start` ran: put the venv first.
+    # Token auth is for shared clusters; this head listens on loopback only.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    dashboard = free_port()
+    subprocess.run(
+        [BIN / "ray", "start", "--head", "--num-cpus=4", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, timeout=120,
+    )
+    try:
+        result = subprocess.run(
+            [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+             "--runtime-env-json", json.dumps({"excludes": ["runs/", "tests/", "docs/"]}), "--",
+             "python", "-m", "dense_rl.launch", "--config", "configs/tiny.yaml", "--quiet",
+             "--set", f"run.output_dir={tmp_path}", "--set", "run.name=job", "--set", "run.num_epochs=2",
+             "--set", "sample.batch_size=8", "--set", "sample.num_batches_per_epoch=2", "--set", "train.batch_size=8"],
+            env=env, capture_output=True, text=True, timeout=900,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "succeeded" in result.stdout
+        assert f"done: {tmp_path}/job" in result.stdout
+        assert RunDir(f"{tmp_path}/job").latest_checkpoint()["epoch"] == 2
+    finally:
+        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
