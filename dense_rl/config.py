@@ -105,6 +105,15 @@ class ClusterConfig:
     learner_cpus: float = 1.0
     learner_gpus: float = 0.0  # per worker; > 0 trains on CUDA with NCCL
     max_policy_lag: int = 0  # 0: sync, exactly on-policy; >= 1: async, rollouts overlap the update
+    resource_wait_s: float = 60.0  # how long to wait for an autoscaler to add the CPUs/GPUs asked for
+
+    def resources_needed(self) -> dict[str, float]:
+        return {
+            "CPU": self.num_rollout_workers * self.rollout_cpus + self.num_reward_workers * self.reward_cpus
+            + self.num_learner_workers * self.learner_cpus,
+            "GPU": self.num_rollout_workers * self.rollout_gpus + self.num_reward_workers * self.reward_gpus
+            + self.num_learner_workers * self.learner_gpus,
+        }
 
 
 @dataclass
@@ -292,9 +301,13 @@ def validate(config: Config) -> None:
     _require(train.batch_size % cluster.num_learner_workers == 0, "train.batch_size",
              f"{train.batch_size} is not divisible by cluster.num_learner_workers={cluster.num_learner_workers}; "
              "each learner takes an equal share of every optimizer step")
+    _require(cluster.resource_wait_s >= 0, "cluster.resource_wait_s", f"must be >= 0, got {cluster.resource_wait_s}")
     _require(cluster.max_policy_lag >= 0, "cluster.max_policy_lag", f"must be >= 0 (0 = sync), got {cluster.max_policy_lag}")
-    _require(model.device == "cpu" or (cluster.rollout_gpus > 0 and cluster.learner_gpus > 0), "model.device",
+    on_gpus = cluster.rollout_gpus > 0 and cluster.learner_gpus > 0
+    _require(model.device == "cpu" or on_gpus, "model.device",
              "cuda needs cluster.rollout_gpus > 0 and cluster.learner_gpus > 0 so the actors are placed on GPUs")
+    _require(model.device == "cuda" or (cluster.rollout_gpus == 0 and cluster.learner_gpus == 0), "model.device",
+             "cpu, but cluster.rollout_gpus/learner_gpus ask for GPUs; set model.device=cuda or the GPUs to 0")
 
     _require(run.num_epochs >= 1, "run.num_epochs", f"must be >= 1, got {run.num_epochs}")
     _require(run.save_every >= 1, "run.save_every", f"must be >= 1, got {run.save_every}")

@@ -92,11 +92,8 @@ def start_ray(config: Config, verbose: bool = False) -> None:
     if address and address != "local":
         ray.init(address=address, **options)
         return
-    cluster = config.cluster
-    needed = (cluster.num_rollout_workers * cluster.rollout_cpus + cluster.num_reward_workers * cluster.reward_cpus
-              + cluster.num_learner_workers * cluster.learner_cpus)
     # Logical CPUs: actors are sized for a real cluster; on a laptop they share its cores.
-    num_cpus = max(math.ceil(needed), os.cpu_count() or 1)
+    num_cpus = max(math.ceil(config.cluster.resources_needed()["CPU"]), os.cpu_count() or 1)
     if address == "local":
         ray.init(address="local", num_cpus=num_cpus, **options)
         return
@@ -106,6 +103,27 @@ def start_ray(config: Config, verbose: bool = False) -> None:
         if "existing cluster" not in str(error):
             raise
         ray.init(**options)  # a running cluster brings its own resources
+
+
+def wait_for_resources(config: Config) -> None:
+    """Ray waits forever for resources that never come; fail instead, naming what is missing.
+    An autoscaling cluster gets cluster.resource_wait_s to add nodes first."""
+    import ray
+
+    needed = config.cluster.resources_needed()
+    deadline = time.monotonic() + config.cluster.resource_wait_s
+    while True:
+        available = ray.cluster_resources()
+        short = {k: v for k, v in needed.items() if v > available.get(k, 0.0) + 1e-9}
+        if not short:
+            return
+        if time.monotonic() >= deadline:
+            name, amount = next(iter(short.items()))
+            raise ConfigError(
+                f"cluster: the actors and learners ask for {amount:g} {name} but the Ray cluster has "
+                f"{available.get(name, 0.0):g}; lower cluster.*_{name.lower()}s or the worker counts, or add nodes"
+            )
+        time.sleep(2.0)
 
 
 def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verbose: bool = False,
@@ -127,6 +145,7 @@ def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verb
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one noisy line per run, no use locally
     start_ray(config, verbose)
     try:
+        wait_for_resources(config)
         return Driver(config, recorder, state, weights, resume_from=checkpoint).run(
             show_progress=show_progress, on_epoch=on_epoch
         )
@@ -153,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"in-process run done: reward {history[0]['reward_mean']:.4f} -> {history[-1]['reward_mean']:.4f}")
         return 0
 
-    history = run_system(config, run_uri, show_progress=not args.quiet, verbose=args.verbose)
+    try:
+        history = run_system(config, run_uri, show_progress=not args.quiet, verbose=args.verbose)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if history:
         first, last = history[0], history[-1]
         print(f"done: {run_uri}  reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f} "

@@ -29,7 +29,10 @@ def build_policy(config: Config):
     pipe = load_pipeline(
         config.model.pretrained, dtype=config.model.dtype, device=config.model.device, revision=config.model.revision
     )
-    params = add_lora(pipe.unet, config.lora.rank, config.lora.alpha, config.lora.target_modules)
+    # Seeded so every process (rollouts, each learner rank, a resumed run) builds the same adapter.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.run.seed)
+        params = add_lora(pipe.unet, config.lora.rank, config.lora.alpha, config.lora.target_modules)
     if config.lora.init_from:
         load_lora_state_dict(pipe.unet, read_lora_file(config.lora.init_from))
     return pipe, params

@@ -45,3 +45,29 @@ def reward_curve_png(samples_seen: list[int], reward_mean: list[float], reward_s
     figure.savefig(buffer, format="png")
     plt.close(figure)
     return buffer.getvalue()
+
+
+def run_summary_png(run_uri: str) -> bytes:
+    """The run's last image grid beside its reward curve: the picture in the README."""
+    from dense_rl.run_dir import RunDir
+
+    run = RunDir(run_uri)
+    epochs = sorted(row["epoch"] for row in run.read_table("metrics.parquet"))
+    grid = Image.open(io.BytesIO(run.read_bytes(f"images/epoch-{epochs[-1]:04d}.png"))).convert("RGB")
+    curve = Image.open(io.BytesIO(run.read_bytes("reward_curve.png"))).convert("RGB")
+    grid = grid.resize((round(grid.width * curve.height / grid.height), curve.height), Image.NEAREST)
+    canvas = Image.new("RGB", (grid.width + curve.width + 10, curve.height), (255, 255, 255))
+    canvas.paste(grid, (0, 0))
+    canvas.paste(curve, (grid.width + 10, 0))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m dense_rl.plots RUN_DIR OUT.png")
+    with open(sys.argv[2], "wb") as out:
+        out.write(run_summary_png(sys.argv[1]))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import uuid
 from pathlib import PurePosixPath
 
@@ -86,6 +87,11 @@ class RunDir:
 
     def read_tensors(self, relative: str) -> dict[str, torch.Tensor]:
         return load_safetensors(self.read_bytes(relative))
+
+    def read_tensors_and_metadata(self, relative: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        data = self.read_bytes(relative)
+        (header_size,) = struct.unpack("<Q", data[:8])  # safetensors: u64 header length, then JSON
+        return load_safetensors(data), json.loads(data[8 : 8 + header_size]).get("__metadata__", {})
 
     def write_table(self, relative: str, rows: list[dict]) -> None:
         buffer = io.BytesIO()

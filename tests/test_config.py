@@ -75,3 +75,16 @@ def test_bad_files(tmp_path):
 def test_defaults_are_the_tiny_preset():
     """`python -m dense_rl.launch` with no --config runs exactly configs/tiny.yaml."""
     assert load_config("configs/tiny.yaml") == load_config()
+
+
+@pytest.mark.parametrize("preset", ["configs/tiny.yaml", "configs/sd15-jpeg.yaml"])
+def test_shipped_presets_are_valid(preset):
+    load_config(preset)
+
+
+def test_sd15_preset_uses_the_paper_settings():
+    config = load_config("configs/sd15-jpeg.yaml")
+    assert (config.sample.num_steps, config.sample.eta, config.sample.guidance_scale) == (50, 1.0, 5.0)
+    assert (config.train.lr, config.train.clip_range, config.train.adv_clip_max) == (1e-4, 1e-4, 5.0)
+    assert (config.credit.window_size, config.credit.temporal_alpha) == (5, 0.0)
+    assert (config.credit.buffer_size, config.credit.min_count, config.samples_per_epoch) == (32, 16, 256)

@@ -26,14 +26,24 @@ def test_job_submit_to_a_head_started_here(tmp_path):
     # The job's `python` is whatever was first on PATH when `ray start` ran: put the venv first.
     # Token auth is for shared clusters; this head listens on loopback only.
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
-    dashboard = free_port()
+    dashboard, head_port = free_port(), free_port()
     subprocess.run(
-        [BIN / "ray", "start", "--head", "--num-cpus=4", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
+        [BIN / "ray", "start", "--head", "--num-cpus=6", f"--port={head_port}", "--node-ip-address=127.0.0.1",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          "--disable-usage-stats"],
         env=env, check=True, capture_output=True, timeout=120,
     )
     try:
+        # Asking for more than the cluster has fails with one line instead of waiting forever.
+        short = subprocess.run(
+            [sys.executable, "-m", "dense_rl.launch", "--quiet", "--set", f"run.output_dir={tmp_path}",
+             "--set", f"cluster.address=127.0.0.1:{head_port}", "--set", "cluster.reward_gpus=1",
+             "--set", "cluster.resource_wait_s=0"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert short.returncode == 2, short.stderr[-2000:]
+        assert "error: cluster: the actors and learners ask for 1 GPU but the Ray cluster has 0" in short.stderr
+
         result = subprocess.run(
             [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
              "--runtime-env-json", json.dumps({"excludes": ["runs/", "tests/", "docs/"]}), "--",

@@ -14,7 +14,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -61,20 +60,17 @@ def learner_loop(loop_config: dict) -> None:
 
     pipe, params = build_policy(policy_config)
     optimizer = make_optimizer(params, config.train)
-    version = loop_config["start_version"]
     run = RunDir(loop_config["run_uri"])
 
     # Restore: Ray Train's own checkpoint after a worker failure, else the run's resume point.
     def restore(folder: RunDir) -> None:
         load_lora_state_dict(pipe.unet, read_lora_bytes(folder, LORA_FILE))
-        data = folder.read_bytes(OPTIMIZER_FILE)
-        optimizer.load_state_dict(optimizer_from_tensors(folder.read_tensors(OPTIMIZER_FILE), _safetensors_metadata(data)))
+        optimizer.load_state_dict(optimizer_from_tensors(*folder.read_tensors_and_metadata(OPTIMIZER_FILE)))
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             restore(RunDir(folder))
-        version = int(Path(checkpoint.path).name.split("-")[-1])
     elif loop_config["resume_from"] is not None:
         restore(run.child(loop_config["resume_from"]))
 
@@ -118,14 +114,6 @@ def learner_loop(loop_config: dict) -> None:
             outbox.put(LearnerResult(version, info, saved))
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    import json
-    import struct
-
-    (header_size,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + header_size]).get("__metadata__", {})
-
-
 class LearnerGroup:
     """The driver's handle on the learner: submit an epoch, wait for its result, close."""
 
@@ -148,8 +136,7 @@ class LearnerGroup:
             learner_loop,
             train_loop_config={
                 "config": config, "inboxes": self.inboxes, "outbox": self.outbox,
-                "rollout_workers": rollout_workers, "run_uri": run_uri, "start_version": start_version,
-                "resume_from": resume_from, "checkpoint_prefix": f"{CHECKPOINTS}/{fit_name}",
+                "rollout_workers": rollout_workers, "run_uri": run_uri, "resume_from": resume_from, "checkpoint_prefix": f"{CHECKPOINTS}/{fit_name}",
             },
             scaling_config=ScalingConfig(
                 num_workers=self.num_workers, use_gpu=cluster.learner_gpus > 0, resources_per_worker=resources

@@ -30,7 +30,8 @@ class RewardWorker:
 
         use_actor_cpus(num_cpus)
         self.credit = config.credit
-        self.rewards = WeightedRewards(config.rewards, device=config.model.device)
+        device = "cuda" if config.cluster.reward_gpus > 0 else "cpu"
+        self.rewards = WeightedRewards(config.rewards, device=device)
         self.preview_count = preview_count
 
     def score(self, trajectories: Trajectories) -> ScoredBatch:

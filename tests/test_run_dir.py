@@ -1,0 +1,56 @@
+"""The run directory: any pyarrow filesystem URI, whole files only, optimizer state without pickle."""
+
+import torch
+
+from dense_rl.run_dir import RunDir, optimizer_from_tensors, optimizer_to_tensors
+
+
+def test_uri_and_plain_path_reach_the_same_files(tmp_path):
+    by_uri = RunDir(f"file://{tmp_path}/run")
+    by_uri.write_json("a/b.json", {"x": 1})
+    by_path = RunDir(str(tmp_path / "run"))
+    assert by_path.read_json("a/b.json") == {"x": 1}
+    assert by_uri.child("a").exists("b.json")
+
+
+def test_writes_leave_no_temporary_files(tmp_path):
+    run = RunDir(str(tmp_path))
+    run.write_table("metrics.parquet", [{"epoch": 0, "reward": 1.5}, {"epoch": 1, "reward": 2.0}])
+    run.write_tensors("w.safetensors", {"w": torch.arange(4.0)}, metadata={"k": "v"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.parquet", "w.safetensors"]
+    assert run.read_table("metrics.parquet")[1] == {"epoch": 1, "reward": 2.0}
+    tensors, metadata = run.read_tensors_and_metadata("w.safetensors")
+    assert torch.equal(tensors["w"], torch.arange(4.0)) and metadata == {"k": "v"}
+
+
+def test_latest_checkpoint_pointer(tmp_path):
+    run = RunDir(str(tmp_path))
+    assert run.latest_checkpoint() is None
+    run.mark_latest(3, "checkpoints/fit/epoch-0003")
+    assert run.latest_checkpoint() == {"epoch": 3, "path": "checkpoints/fit/epoch-0003"}
+
+
+def test_optimizer_state_round_trip():
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        sum((p**2).sum() for p in params).backward()
+        optimizer.step()
+    tensors, metadata = optimizer_to_tensors(optimizer)
+    twin = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=5.0)
+    twin.load_state_dict(optimizer_from_tensors(tensors, metadata))
+    assert twin.param_groups[0]["lr"] == 1e-3
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        torch.testing.assert_close(twin.state[twin.param_groups[0]["params"][0]][key], optimizer.state[params[0]][key])
+
+
+def test_unwritable_directory_is_named(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    try:
+        RunDir(str(blocker / "run")).check_writable()
+    except PermissionError as error:
+        assert "run.output_dir" in str(error) and str(blocker) in str(error)
+    else:
+        raise AssertionError("writing under a file should fail")
