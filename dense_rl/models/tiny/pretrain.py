@@ -1,0 +1,491 @@
+"""Pretrain the embedded tiny text-to-image model and save it in the diffusers layout.
+
+    python -m dense_rl.models.tiny.pretrain [--steps N] [--batch-size B] [--seed S] [--out DIR]
+
+A pixel-space ``StableDiffusionPipeline`` without a VAE: a word-level tokenizer, a tiny
+``CLIPTextModel`` and a small ``UNet2DConditionModel`` on 16x16 RGB, trained jointly from scratch
+on captioned coloured digits (:mod:`dense_rl.models.tiny.data`) with the epsilon-prediction loss,
+caption dropout (for classifier-free guidance with the empty prompt as the negative) and an EMA of
+the weights (the EMA weights are what is saved). The diffusion sample x in [-1, 1] is the image:
+``image = (x.clamp(-1, 1) + 1) / 2``.
+
+After training it evaluates the model with its own DDIM(eta=1) + CFG sampler against the shipped
+digit classifier and preference model, writes a sample grid to ``docs/tiny_samples.png`` and a model
+card (README.md) into the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dense_rl.models.tiny import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS
+from dense_rl.models.tiny.data import (
+    ALL_TEMPLATES,
+    COLOR_NAMES,
+    DIGIT_WORDS,
+    HELDOUT_TEMPLATES,
+    TRAIN_TEMPLATES,
+    VOCAB,
+    caption,
+    colored_digits,
+    parse_prompt,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "assets" / "tiny-t2i"
+DEFAULT_GRID = REPO_ROOT / "docs" / "tiny_samples.png"
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
+MAX_LENGTH = 16
+CAPTION_DROPOUT = 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# Components
+# ----------------------------------------------------------------------------------------------
+
+
+def build_tokenizer():
+    """Word-level tokenizer over :data:`VOCAB`: "[BOS] words [EOS]", padded with [PAD] (id 0)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + tuple(VOCAB))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]",
+        special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
+        unk_token="[UNK]", model_max_length=MAX_LENGTH,
+    )
+
+
+def build_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=64,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),  # 16, 8, 4 px
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=64,
+        attention_head_dim=4,  # diffusers reads this as the number of heads
+        norm_num_groups=8,
+    )
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    # clip_sample is False because StableDiffusionPipeline forces it to False on construction and on
+    # from_pretrained (a latent-space assumption); samples are clamped to [-1, 1] when decoded.
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
+        clip_sample_range=1.0, set_alpha_to_one=False, prediction_type="epsilon",
+        timestep_spacing="leading", steps_offset=1,
+    )
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(list(prompts), padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling (DDIM + classifier-free guidance), self-contained for evaluation and the sample grid
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample(unet, text_encoder, tokenizer, scheduler, prompts: list[str], *, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+           num_steps: int = DEFAULT_NUM_STEPS, eta: float = 1.0, seed: int = 0, batch_size: int = 256,
+           clip_sample: bool | None = None) -> torch.Tensor:
+    """Sample images float32 [B,3,16,16] in [0,1] for ``prompts`` (negative prompt: "").
+
+    ``clip_sample`` overrides the scheduler's setting (clip the predicted x0 to [-1, 1] every step).
+    """
+    from diffusers import DDIMScheduler
+
+    extra = {} if clip_sample is None else {"clip_sample": clip_sample}
+    sched = DDIMScheduler.from_config(scheduler.config, **extra)
+    sched.set_timesteps(num_steps)
+    gen = torch.Generator().manual_seed(seed)
+    unet.eval()
+    text_encoder.eval()
+    size = unet.config.sample_size
+    uncond = text_encoder(tokenize(tokenizer, [""]))[0]
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        n = len(chunk)
+        cond = text_encoder(tokenize(tokenizer, chunk))[0]
+        x = torch.randn(n, unet.config.in_channels, size, size, generator=gen)
+        use_cfg = guidance_scale != 1.0
+        ctx = torch.cat([uncond.expand(n, -1, -1), cond]) if use_cfg else cond
+        for t in sched.timesteps:
+            inp = torch.cat([x, x]) if use_cfg else x
+            eps = unet(inp, t, encoder_hidden_states=ctx).sample
+            if use_cfg:
+                e_u, e_c = eps.chunk(2)
+                eps = e_u + guidance_scale * (e_c - e_u)
+            x = sched.step(eps, t, x, eta=eta, generator=gen).prev_sample
+        out.append(((x.clamp(-1, 1) + 1) / 2).float())
+    return torch.cat(out)
+
+
+def eval_prompts(per_combo: int, templates=TRAIN_TEMPLATES + HELDOUT_TEMPLATES) -> list[str]:
+    """``per_combo`` prompts per digit x colour, cycling over the templates."""
+    prompts = []
+    k = 0
+    for _ in range(per_combo):
+        for d in range(10):
+            for c in COLOR_NAMES:
+                prompts.append(caption(d, c, templates[k % len(templates)]))
+                k += 1
+    return prompts
+
+
+@torch.no_grad()
+def evaluate(unet, text_encoder, tokenizer, scheduler, guidance_scales, per_combo: int = 5, seed: int = 1234,
+             rewards_dir: str | None = None) -> dict:
+    from dense_rl.models.tiny.train_rewards import best_variant, colorize_idx, poor_variant, true_quality
+    from dense_rl.models.tiny.data import load_gray_digits
+    from dense_rl.rewards.tiny import DigitAlignmentReward, PreferenceReward
+
+    cls_path = os.path.join(rewards_dir, "digit_classifier.safetensors") if rewards_dir else None
+    pref_path = os.path.join(rewards_dir, "preference.safetensors") if rewards_dir else None
+    align = DigitAlignmentReward(cls_path)
+    pref = PreferenceReward(pref_path)
+    prompts = eval_prompts(per_combo)
+    targets = [parse_prompt(p) for p in prompts]
+    y_digit = torch.tensor([d for d, _ in targets])
+    y_color = torch.tensor([COLOR_NAMES.index(c) for _, c in targets])
+    heldout = torch.tensor([any(p == caption(d, c, t) for t in HELDOUT_TEMPLATES) for p, (d, c) in zip(prompts, targets)])
+    results = {"n_samples": len(prompts), "per_guidance": {}}
+    for g in guidance_scales:
+        t0 = time.time()
+        imgs = sample(unet, text_encoder, tokenizer, scheduler, prompts, guidance_scale=g, seed=seed)
+        dp, cp = align.predict(imgs)
+        dig_ok = dp.argmax(1) == y_digit
+        col_ok = cp.argmax(1) == y_color
+        results["per_guidance"][str(g)] = {
+            "digit_acc": dig_ok.float().mean().item(),
+            "color_acc": col_ok.float().mean().item(),
+            "both_acc": (dig_ok & col_ok).float().mean().item(),
+            "digit_acc_heldout_template": dig_ok[heldout].float().mean().item(),
+            "alignment_reward_mean": align(imgs, prompts).mean().item(),
+            "preference_mean": pref(imgs, prompts).mean().item(),
+            "true_quality_mean": true_quality(imgs).mean().item(),
+            "sample_seconds": round(time.time() - t0, 1),
+        }
+    gray, _ = load_gray_digits(16)
+    cols = torch.arange(gray.shape[0]) % len(COLOR_NAMES)
+    for name, g in [("raw", gray), ("best", best_variant(gray)), ("poor", poor_variant(gray))]:
+        rgb = colorize_idx(g, cols)
+        results[f"preference_mean_{name}_real_digits"] = pref(rgb, [""] * len(rgb)).mean().item()
+        results[f"true_quality_mean_{name}_real_digits"] = true_quality(rgb).mean().item()
+    return results
+
+
+def save_grid(images: torch.Tensor, path: Path, row_labels: list[str], col_labels: list[str], title: str, cell: int = 64) -> None:
+    """images [R*C,3,16,16] row-major -> a labelled PNG grid, upscaled with nearest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r, c = len(row_labels), len(col_labels)
+    big = F.interpolate(images, size=(cell, cell), mode="nearest")
+    pad = 4
+    canvas = torch.ones(3, r * (cell + pad) + pad, c * (cell + pad) + pad) * 0.35
+    for i in range(r):
+        for j in range(c):
+            y0, x0 = pad + i * (cell + pad), pad + j * (cell + pad)
+            canvas[:, y0:y0 + cell, x0:x0 + cell] = big[i * c + j]
+    arr = canvas.permute(1, 2, 0).numpy()
+    fig, ax = plt.subplots(figsize=(arr.shape[1] / 72 + 1.2, arr.shape[0] / 72 + 0.9), dpi=100)
+    ax.imshow(arr, interpolation="nearest")
+    ax.set_xticks([pad + j * (cell + pad) + cell / 2 for j in range(c)], col_labels)
+    ax.set_yticks([pad + i * (cell + pad) + cell / 2 for i in range(r)], row_labels)
+    ax.tick_params(length=0)
+    ax.xaxis.tick_top()
+    ax.set_title(title, fontsize=9, pad=24)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def train(steps: int, batch_size: int, seed: int, lr: float = 1e-3, ema_decay: float = 0.995,
+          min_snr_gamma: float = 5.0, warmup: int = 100):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(tokenizer)
+    unet = build_unet()
+    scheduler = build_scheduler()
+
+    images, digits, colors = colored_digits(size=16, seed=seed, split="all", colors="all")
+    x_all = images * 2.0 - 1.0
+    # every caption each image can get (all templates) plus the empty caption, tokenized once
+    captions = [""] + [caption(d, c, t) for t in ALL_TEMPLATES for d in range(10) for c in COLOR_NAMES]
+    ids = tokenize(tokenizer, captions)
+    caption_index = {c: i for i, c in enumerate(captions)}
+    cap_table = torch.tensor([[caption_index[caption(int(d), c, t)] for t in ALL_TEMPLATES]
+                              for d, c in zip(digits.tolist(), colors)])  # [N, n_templates]
+
+    alphas_cumprod = scheduler.alphas_cumprod.float()
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    loss_weight = torch.clamp(snr, max=min_snr_gamma) / snr  # min-SNR-gamma, epsilon prediction
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4, betas=(0.9, 0.99))
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+
+    unet.train()
+    text_encoder.train()
+    n = x_all.shape[0]
+    losses = []
+    t_start = time.time()
+    bar = tqdm(range(steps), desc="tiny t2i", mininterval=2.0)
+    for step in bar:
+        for grp in opt.param_groups:
+            grp["lr"] = _lr_at(step, steps, lr, warmup)
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        x0 = x_all[idx]
+        tmpl = torch.randint(0, len(ALL_TEMPLATES), (batch_size,), generator=gen)
+        cap = cap_table[idx, tmpl]
+        cap = torch.where(torch.rand(batch_size, generator=gen) < CAPTION_DROPOUT, torch.zeros_like(cap), cap)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        ctx = text_encoder(ids[cap])[0]
+        pred = unet(xt, t, encoder_hidden_states=ctx).sample
+        loss = ((pred - noise) ** 2).mean((1, 2, 3))
+        loss = (loss * loss_weight[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
+        losses.append(loss.item())
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+    train_seconds = time.time() - t_start
+    info = {"train_seconds": round(train_seconds, 1), "final_loss_avg100": float(np.mean(losses[-100:]))}
+    return ema_unet.eval(), ema_text.eval(), tokenizer, scheduler, info
+
+
+def save_pipeline(unet, text_encoder, tokenizer, scheduler, out: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=None, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    # transformers 5 records its new class name "TokenizersBackend"; the classic alias
+    # PreTrainedTokenizerFast loads the same tokenizer.json under transformers 4 and 5.
+    for path, key in ((out / "model_index.json", "tokenizer"), (out / "tokenizer" / "tokenizer_config.json", "tokenizer_class")):
+        cfg = json.loads(path.read_text())
+        if key == "tokenizer":
+            cfg[key] = ["transformers", "PreTrainedTokenizerFast"]
+        else:
+            cfg[key] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def load_saved(path: str | Path):
+    """Reload the saved folder the way the project does; returns the pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(
+        str(path), vae=None, safety_checker=None, feature_extractor=None, image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3f}"
+
+
+def write_model_card(out: Path, args, info: dict, metrics: dict, n_params: dict, size_mb: float) -> None:
+    hp = {k: info.get(k, getattr(args, k)) for k in ("steps", "batch_size", "seed", "lr", "ema_decay")}
+    g = str(args.guidance_scale)
+    m = metrics["per_guidance"][g]
+    rows = "\n".join(
+        f"| {gs} | {_fmt(v['digit_acc'])} | {_fmt(v['color_acc'])} | {_fmt(v['both_acc'])} | "
+        f"{_fmt(v['preference_mean'])} |"
+        for gs, v in metrics["per_guidance"].items()
+    )
+    text = f"""# tiny-t2i: the embedded tiny text-to-image model of dense_rl
+
+A pixel-space `StableDiffusionPipeline` without a VAE that draws 16x16 coloured handwritten digits
+from text prompts such as "a red digit seven" or "the number 7 in blue". It exists so the whole RL
+system can run, and be tested, on a laptop CPU with no hub download.
+
+- **Data**: scikit-learn's 8x8 handwritten digits (1797 images), upsampled bilinearly to 16x16 and
+  drawn in one of six colours ({", ".join(COLOR_NAMES)}) on black; every image in every colour
+  (10,782 images). Captions from {len(ALL_TEMPLATES)} templates (all used in pretraining):
+  {"; ".join(repr(t) for t in ALL_TEMPLATES)}. The last one is held out of RL training prompts.
+- **Pixel convention**: the diffusion sample x in [-1, 1] is the image: `image = (x.clamp(-1, 1) + 1) / 2`.
+- **Tokenizer**: word-level ({len(VOCAB) + len(SPECIAL_TOKENS)} tokens), `[BOS] words [EOS]`, padded with `[PAD]` to 16.
+- **Text encoder**: `CLIPTextModel`, 2 layers, width 64, 4 heads ({n_params['text_encoder']:,} parameters).
+- **UNet**: `UNet2DConditionModel`, channels (32, 64, 64), cross-attention at 8x8 and 4x4 and in the
+  mid block, cross_attention_dim 64 ({n_params['unet']:,} parameters).
+- **Scheduler**: `DDIMScheduler`, 1000 steps, `squaredcos_cap_v2`, epsilon prediction,
+  set_alpha_to_one False, leading spacing with steps_offset 1. clip_sample is False because
+  `StableDiffusionPipeline` forces it off when it is built or loaded; final samples are clamped to [-1, 1].
+- **Training**: from scratch, epsilon-prediction MSE with min-SNR-5 weighting, random template per
+  image, {int(CAPTION_DROPOUT * 100)}% caption dropout to "" (classifier-free guidance uses "" as the negative
+  prompt), AdamW lr {hp['lr']} (100 warmup steps, cosine to 10%), grad-norm clip 1, batch {hp['batch_size']},
+  {hp['steps']} steps, EMA {hp['ema_decay']} (the EMA weights are saved), seed {hp['seed']}. Training took
+  {info['train_seconds']:.0f} s wall-clock on a shared 2-core CPU (about 0.36 s a step when the cores are free).
+- **Size**: {size_mb:.1f} MB of fp32 safetensors.
+
+Rebuild (train the reward models first, they are used to evaluate; on 2 free CPU cores about 4 minutes
+for the rewards, then 7 minutes of training plus 1-2 of evaluation; longer when the cores are shared):
+
+    python -m dense_rl.models.tiny.train_rewards
+    python -m dense_rl.models.tiny.pretrain --steps {hp['steps']} --batch-size {hp['batch_size']} --seed {hp['seed']} --lr {hp['lr']}
+
+## Recommended sampling
+
+DDIM, {DEFAULT_NUM_STEPS} steps, eta 1.0, guidance scale {args.guidance_scale}, negative prompt "". Keep
+`clip_sample` off (the saved default): clipping the predicted x0 every step makes samples worse.
+
+## Measured
+
+{metrics['n_samples']} samples (every digit x colour, {metrics['n_samples'] // 60} each, prompts cycling over all
+templates), DDIM {DEFAULT_NUM_STEPS} steps, eta 1, scored by the shipped tiny reward models
+(`dense_rl/assets/rewards/`):
+
+| guidance | digit acc | colour acc | both | preference mean |
+|---|---|---|---|---|
+{rows}
+
+At guidance {g}: digit accuracy {_fmt(m['digit_acc'])} (held-out template: {_fmt(m['digit_acc_heldout_template'])}),
+colour accuracy {_fmt(m['color_acc'])}.
+
+Preference model on real digits for comparison: raw data {_fmt(metrics['preference_mean_raw_real_digits'])},
+best variants (centred, bolder, crisp, full contrast) {_fmt(metrics['preference_mean_best_real_digits'])},
+poor variants (thin, shifted, dim) {_fmt(metrics['preference_mean_poor_real_digits'])}.
+"""
+    (out / "README.md").write_text(text)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--ema-decay", type=float, default=0.995)
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: the shipped asset)")
+    ap.add_argument("--grid", default=str(DEFAULT_GRID), help="sample grid PNG ('' to skip)")
+    ap.add_argument("--rewards-dir", default=None, help="reward models for evaluation (default: shipped)")
+    ap.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
+    ap.add_argument("--eval-guidance", default="1,2,4,7.5", help="comma-separated guidance scales to evaluate")
+    ap.add_argument("--eval-per-combo", type=int, default=3, help="samples per digit x colour in evaluation (0: skip)")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="skip training: re-evaluate the model already in --out (rewrites eval.json, README.md, grid)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0: torch's default; try 1 when other jobs share the cores)")
+    args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    out = Path(args.out)
+    t_total = time.time()
+    if args.eval_only:
+        previous = out / "eval.json"
+        info = json.loads(previous.read_text())["train"] if previous.is_file() else {"train_seconds": float("nan")}
+    else:
+        unet, text_encoder, tokenizer, scheduler, info = train(
+            args.steps, args.batch_size, args.seed, lr=args.lr, ema_decay=args.ema_decay)
+        print(f"trained in {info['train_seconds']:.0f} s; final loss {info['final_loss_avg100']:.4f}")
+        info.update({"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
+                     "ema_decay": args.ema_decay})
+        save_pipeline(unet, text_encoder, tokenizer, scheduler, out)
+
+    # reload exactly as the project does, and evaluate the reloaded copy
+    pipe = load_saved(out)
+    unet, text_encoder, tokenizer, scheduler = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+    n_params = {"unet": sum(p.numel() for p in unet.parameters()),
+                "text_encoder": sum(p.numel() for p in text_encoder.parameters())}
+    size_mb = sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 1e6
+    metrics = {"per_guidance": {}, "n_samples": 0}
+    if args.eval_per_combo > 0:
+        scales = sorted({float(s) for s in args.eval_guidance.split(",")} | {args.guidance_scale})
+        metrics = evaluate(unet, text_encoder, tokenizer, scheduler, scales, args.eval_per_combo,
+                           rewards_dir=args.rewards_dir)
+        print(json.dumps(metrics, indent=1))
+        (out / "eval.json").write_text(json.dumps({"train": info, "eval": metrics}, indent=1) + "\n")
+    if args.grid:
+        prompts = [caption(d, c, TRAIN_TEMPLATES[0]) for d in range(10) for c in COLOR_NAMES]
+        imgs = sample(unet, text_encoder, tokenizer, scheduler, prompts, guidance_scale=args.guidance_scale, seed=7)
+        save_grid(imgs, Path(args.grid), list(DIGIT_WORDS), list(COLOR_NAMES),
+                  f'tiny-t2i samples: "a <colour> digit <word>", DDIM {DEFAULT_NUM_STEPS} steps, eta 1, guidance {args.guidance_scale}')
+    if metrics["per_guidance"]:
+        write_model_card(out, args, info, metrics, n_params, size_mb)
+    print(f"done in {time.time() - t_total:.0f} s (training {info['train_seconds']:.0f} s)")
+    return {"train": info, "eval": metrics}
+
+
+if __name__ == "__main__":
+    main()
