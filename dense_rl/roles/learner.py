@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import ray
 import torch
 from ray.util.queue import Empty, Queue
 

@@ -69,6 +69,9 @@ def _build_vocab() -> tuple[str, ...]:
 
 
 VOCAB: tuple[str, ...] = _build_vocab()
+# The tokenizer adds these to VOCAB ([PAD] must be id 0) and pads every prompt to MAX_LENGTH.
+SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
+MAX_LENGTH = 16
 """Every word any template, colour or digit can produce (without the tokenizer's special tokens)."""
 
 _DIGIT_TOKENS = {w: i for i, w in enumerate(DIGIT_WORDS)} | {str(i): i for i in range(10)}
