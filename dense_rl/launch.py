@@ -138,14 +138,14 @@ def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verb
     run = RunDir(run_uri)
     recorder = RunRecorder(run, config)
     state, weights, checkpoint = load_resume_point(run, config)
-    if checkpoint is None:
-        recorder.write_config()
-    else:
-        log.info("resuming %s from %s (epoch %d)", run.uri, checkpoint, state.epoch)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one noisy line per run, no use locally
     start_ray(config, verbose)
     try:
-        wait_for_resources(config)
+        wait_for_resources(config)  # before anything is written: a run that cannot be placed leaves no trace
+        if checkpoint is None:
+            recorder.write_config()
+        else:
+            log.info("resuming %s from %s (epoch %d)", run.uri, checkpoint, state.epoch)
         return Driver(config, recorder, state, weights, resume_from=checkpoint).run(
             show_progress=show_progress, on_epoch=on_epoch
         )
