@@ -3,7 +3,7 @@
     python -m dense_rl.launch                                    # the embedded tiny model, local Ray
     python -m dense_rl.launch --config configs/tiny.yaml --set train.lr=1e-4 --set credit.mode=uniform
     python -m dense_rl.launch --resume runs/tiny                 # continue from the newest checkpoint
-    ray job submit --working-dir . -- python -m dense_rl.launch --config configs/sd15-hps.yaml
+    ray job submit --working-dir . -- python -m dense_rl.launch --config configs/sd15-jpeg.yaml
 
 Every input is checked before Ray starts; a bad one prints one line naming the field and exits 2.
 """

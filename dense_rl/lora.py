@@ -80,8 +80,12 @@ def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
         path = path / LORA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA weights at {path}")
-    state = load_file(str(path))
+    return lora_state_from_diffusers(load_file(str(path)), source=str(path))
+
+
+def lora_state_from_diffusers(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Diffusers-named LoRA tensors (as saved by `save_lora`) -> peft-named adapter state."""
     unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
     if not unet_state:
-        raise ValueError(f"{path} holds no UNet LoRA weights (keys should start with 'unet.')")
+        raise ValueError(f"{source} holds no UNet LoRA weights (keys should start with 'unet.')")
     return convert_unet_state_dict_to_peft(unet_state)

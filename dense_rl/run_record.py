@@ -6,7 +6,7 @@ from __future__ import annotations
 import yaml
 
 from dense_rl.config import Config
-from dense_rl.lora import LORA_FILE, read_lora_file
+from dense_rl.lora import LORA_FILE, lora_state_from_diffusers
 from dense_rl.plots import image_grid_png, reward_curve_png
 from dense_rl.run_dir import CONFIG_FILE, RunDir
 from dense_rl.stats import PerPromptStatTracker
@@ -129,10 +129,4 @@ def load_resume_point(run: RunDir, config: Config):
 
 def read_lora_bytes(run: RunDir, relative: str) -> dict:
     """read_lora_file for any filesystem: diffusers-named tensors -> peft-named adapter state."""
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / LORA_FILE
-        path.write_bytes(run.read_bytes(relative))
-        return read_lora_file(path)
+    return lora_state_from_diffusers(run.read_tensors(relative), source=f"{run.uri}/{relative}")
