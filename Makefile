@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	rm -rf $(HPS_REF)
 	$(PY) -m pip install -q --no-deps --target $(HPS_REF) -c constraints.txt \
 		hpsv2==1.2.0 torchvision==0.28.0 ftfy==6.3.1 wcwidth==0.9.4 clint==0.5.1 args==0.1.0
 	$(PY) -m pip download -q --no-deps -d $(HPS_REF)/wheels -c constraints.txt open_clip_torch==3.3.0
