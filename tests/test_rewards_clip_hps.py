@@ -65,14 +65,18 @@ def save_clip_tokenizer_from_bpe(folder: Path) -> None:
     CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
 
 
-def run_reference(folder: Path, jobs: list[dict]) -> list[list[float]]:
-    job_file = folder / "job.json"
-    job_file.write_text(json.dumps({"folder": str(folder), "model_cfg": TINY_OPEN_CLIP, "seed": 0, "jobs": jobs}))
+def run_reference(argument: str) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{REFERENCE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, str(REFERENCE_SCRIPT), str(job_file)], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, str(REFERENCE_SCRIPT), argument], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])["scores"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def reference_scores(folder: Path, jobs: list[dict]) -> list[list[float]]:
+    job_file = folder / "job.json"
+    job_file.write_text(json.dumps({"folder": str(folder), "model_cfg": TINY_OPEN_CLIP, "seed": 0, "jobs": jobs}))
+    return run_reference(str(job_file))["scores"]
 
 
 def test_hps_matches_hpsv2_reference(tmp_path):
@@ -88,7 +92,7 @@ def test_hps_matches_hpsv2_reference(tmp_path):
             Image.fromarray(pixels[i]).save(path)
             jobs.append({"images": [str(path)], "prompt": prompt})
             order.append((kind, i))
-    reference = [scores[0] for scores in run_reference(tmp_path, jobs)]
+    reference = [scores[0] for scores in reference_scores(tmp_path, jobs)]
     save_clip_tokenizer_from_bpe(tmp_path)
 
     reward = build_reward("hps", path=str(tmp_path))
@@ -100,6 +104,24 @@ def test_hps_matches_hpsv2_reference(tmp_path):
     # The scores are real cosine similarities that differ between images, not a constant.
     assert len(set(np.round(reference, 4))) == len(reference)
     assert all(-1.0 <= s <= 1.0 for s in ours)
+
+
+def test_the_real_vit_h_14_checkpoint_maps_onto_every_clipmodel_weight():
+    """Shapes only (meta tensors, no download): every OpenCLIP ViT-H-14 weight lands on a CLIPModel
+    weight of the same shape, and none is left over on either side."""
+    from transformers import CLIPModel
+
+    from dense_rl.rewards.hps import VIT_H_14, clip_config_from_open_clip, open_clip_to_transformers
+
+    shapes = run_reference("--vit-h-14-shapes")
+    mapped = open_clip_to_transformers({k: torch.empty(s, device="meta") for k, s in shapes.items()}, VIT_H_14)
+    with torch.device("meta"):
+        model = CLIPModel(clip_config_from_open_clip(VIT_H_14))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == expected
+    used = {k for k in shapes if not k.startswith("attn_mask")}
+    assert sum(int(np.prod(shapes[k])) for k in used) == sum(int(np.prod(s)) for s in expected.values())
+    assert 0.98e9 < sum(int(np.prod(s)) for s in expected.values()) < 1.0e9  # ViT-H-14: 986M parameters
 
 
 def test_hps_tokenisation_pads_with_zero_and_keeps_end_token(tmp_path):

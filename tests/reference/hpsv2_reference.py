@@ -1,6 +1,7 @@
 """hpsv2's own scoring code, run in its own process for tests/test_rewards_clip_hps.py.
 
 Usage: python hpsv2_reference.py JOB.json  (JOB: {"folder", "model_cfg", "seed", "jobs": [{"images", "prompt"}]})
+       python hpsv2_reference.py --vit-h-14-shapes  (the real model's state-dict shapes, built on the meta device)
 
 1. builds a tiny OpenCLIP-format HPS checkpoint with hpsv2's vendored OpenCLIP (random weights,
    every parameter perturbed so no LayerNorm or bias is left at its trivial init), saved as
@@ -56,5 +57,14 @@ def main(job_file: str) -> None:
     print(json.dumps({"scores": scores}))
 
 
+def vit_h_14_shapes() -> None:
+    from hpsv2.src.open_clip.factory import get_model_config
+    from hpsv2.src.open_clip.model import CLIP
+
+    with torch.device("meta"):
+        model = CLIP(**get_model_config("ViT-H-14"))
+    print(json.dumps({key: list(value.shape) for key, value in model.state_dict().items()}))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    vit_h_14_shapes() if sys.argv[1] == "--vit-h-14-shapes" else main(sys.argv[1])
