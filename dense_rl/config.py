@@ -269,6 +269,9 @@ def validate(config: Config) -> None:
     for i, spec in enumerate(config.rewards):
         _require(spec.name in REWARD_NAMES, f"rewards[{i}].name",
                  f"unknown reward {spec.name!r}; choose one of {', '.join(sorted(REWARD_NAMES))}")
+        local_path = spec.path is not None and (spec.path.startswith(("/", ".", "~")) or spec.path.count("/") > 1)
+        _require(not local_path or Path(spec.path).expanduser().exists(), f"rewards[{i}].path",
+                 f"{spec.path!r} does not exist; give an existing local file or folder, or a hub id such as xswu/HPSv2")
         _require(spec.dtype in ("auto", "float32", "float16", "bfloat16"), f"rewards[{i}].dtype",
                  f"{spec.dtype!r} is not auto, float32, float16 or bfloat16")
         _require(spec.dtype in ("auto", "float32") or config.cluster.reward_gpus > 0, f"rewards[{i}].dtype",

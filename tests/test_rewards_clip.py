@@ -113,5 +113,7 @@ def test_reward_dtype_is_validated_in_config():
         load_config(overrides=["rewards=[{name: hps, dtype: half}]"])
     with pytest.raises(ConfigError, match=r"rewards\[0\]\.dtype: preference always runs in float32"):
         load_config(overrides=["rewards=[{name: preference, dtype: float32}]"])
+    with pytest.raises(ConfigError, match=r"rewards\[0\]\.path: '/no/such/hps' does not exist"):
+        load_config(overrides=["rewards=[{name: hps, path: /no/such/hps}]"])
     config = load_config(overrides=["rewards=[{name: hps, dtype: float16}]", "cluster.reward_gpus=1"])
     assert config.rewards[0].dtype == "float16"

@@ -7,6 +7,7 @@ SD 1.5 images on its 1-10 scale. Prompts are ignored.
 `path`:
 - None: CLIP from `openai/clip-vit-large-patch14`, head `aesthetic-model.pth` from
   `trl-lib/ddpo-aesthetic-predictor` (the copy TRL's DDPO example downloads).
+- a hub id: the head file from that repo, CLIP from `openai/clip-vit-large-patch14`.
 - a local folder: a `transformers.CLIPModel` (config.json + weights, preprocessor_config.json
   optional) and the head as `aesthetic-model.safetensors` or `aesthetic-model.pth` beside it.
 """
