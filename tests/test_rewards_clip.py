@@ -117,3 +117,52 @@ def test_reward_dtype_is_validated_in_config():
         load_config(overrides=["rewards=[{name: hps, path: /no/such/hps}]"])
     config = load_config(overrides=["rewards=[{name: hps, dtype: float16}]", "cluster.reward_gpus=1"])
     assert config.rewards[0].dtype == "float16"
+
+
+def test_default_hub_ids_load_through_the_hub_cache(tiny_clip, tmp_path):
+    """With no `path`, the rewards resolve their real hub ids through huggingface_hub. Offline, a hub
+    cache holding tiny models under those ids stands in for the download; scores must equal the
+    same weights loaded from a local folder."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    folder, _ = tiny_clip
+    head_dir = tmp_path / "head"
+    head_dir.mkdir()
+    torch.manual_seed(6)
+    head = {}
+    for index, (fan_in, fan_out) in zip((0, 2, 4, 6, 7), ((16, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
+        head[f"layers.{index}.weight"] = torch.randn(fan_out, fan_in) / fan_in ** 0.5
+        head[f"layers.{index}.bias"] = torch.randn(fan_out)
+    torch.save(head, head_dir / "aesthetic-model.pth")
+
+    cache = tmp_path / "hub"
+    for repo, source in [("yuvalkirstain/PickScore_v1", folder), ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", folder),
+                         ("openai/clip-vit-large-patch14", folder), ("trl-lib/ddpo-aesthetic-predictor", head_dir)]:
+        repo_dir = cache / f"models--{repo.replace('/', '--')}"  # huggingface_hub's cache layout
+        shutil.copytree(source, repo_dir / "snapshots" / ("0" * 40))
+        (repo_dir / "refs").mkdir()
+        (repo_dir / "refs" / "main").write_text("0" * 40)
+
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    torch.save(images, tmp_path / "images.pt")
+    script = (
+        "import json, sys, torch; from dense_rl.rewards import build_reward;"
+        f"images = torch.load({str(tmp_path / 'images.pt')!r});"
+        "print(json.dumps({name: build_reward(name)(images, ['a cat', 'a dog']).tolist() for name in ('pickscore', 'aesthetic')}))"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from_hub = json.loads(done.stdout.strip().splitlines()[-1])
+
+    (folder / "aesthetic-model.pth").write_bytes((head_dir / "aesthetic-model.pth").read_bytes())
+    try:
+        local = {name: build_reward(name, path=str(folder))(images, ["a cat", "a dog"]) for name in ("pickscore", "aesthetic")}
+    finally:
+        (folder / "aesthetic-model.pth").unlink()
+    for name in local:
+        torch.testing.assert_close(torch.tensor(from_hub[name]), local[name], atol=1e-5, rtol=1e-5)
