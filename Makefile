@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# hpsv2's own scoring code, for the HPS equality test only: kept in its own folder because its pins
+# break ray[default] and a torchvision on the path would be picked up by transformers.
+HPS_REF := $(VENV)/hpsv2-reference
 
 .PHONY: install run test test-fast clean
 
@@ -12,6 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	rm -rf $(HPS_REF)
+	$(PY) -m pip install -q --no-deps --target $(HPS_REF) -c constraints.txt \
+		hpsv2==1.2.0 torchvision==0.28.0 ftfy==6.3.1 wcwidth==0.9.4 clint==0.5.1 args==0.1.0
+	$(PY) -m pip download -q --no-deps -d $(HPS_REF)/wheels -c constraints.txt open_clip_torch==3.3.0
+	$(PY) tests/reference/install_hpsv2_vocab.py $(HPS_REF) $(HPS_REF)/wheels/open_clip_torch-3.3.0-py3-none-any.whl
 	touch $(STAMP)
 
 install: $(STAMP)

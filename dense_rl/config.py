@@ -56,6 +56,7 @@ class RewardSpec:
     name: str = "preference"
     weight: float = 1.0
     path: str | None = None  # local weights or hub id, for rewards that load a model
+    dtype: str = "auto"  # auto (float16 when cluster.reward_gpus > 0, else float32) | float32 | float16 | bfloat16
 
 
 @dataclass
@@ -237,7 +238,7 @@ def _require(condition: bool, field_name: str, message: str) -> None:
 def validate(config: Config) -> None:
     """Every cross-field rule lives here, so a bad config fails before anything expensive starts."""
     from dense_rl.credit import CREDIT_MODES
-    from dense_rl.rewards import REWARD_NAMES
+    from dense_rl.rewards import FLOAT32_ONLY, REWARD_NAMES
 
     model, sample, credit, train, run, lora = (
         config.model, config.sample, config.credit, config.train, config.run, config.lora
@@ -268,6 +269,15 @@ def validate(config: Config) -> None:
     for i, spec in enumerate(config.rewards):
         _require(spec.name in REWARD_NAMES, f"rewards[{i}].name",
                  f"unknown reward {spec.name!r}; choose one of {', '.join(sorted(REWARD_NAMES))}")
+        local_path = spec.path is not None and (spec.path.startswith(("/", ".", "~")) or spec.path.count("/") > 1)
+        _require(not local_path or Path(spec.path).expanduser().exists(), f"rewards[{i}].path",
+                 f"{spec.path!r} does not exist; give an existing local file or folder, or a hub id such as xswu/HPSv2")
+        _require(spec.dtype in ("auto", "float32", "float16", "bfloat16"), f"rewards[{i}].dtype",
+                 f"{spec.dtype!r} is not auto, float32, float16 or bfloat16")
+        _require(spec.dtype in ("auto", "float32") or config.cluster.reward_gpus > 0, f"rewards[{i}].dtype",
+                 f"{spec.dtype} needs a GPU; set cluster.reward_gpus > 0 or use auto/float32 on CPU")
+        _require(spec.dtype == "auto" or spec.name not in FLOAT32_ONLY, f"rewards[{i}].dtype",
+                 f"{spec.name} always runs in float32; remove dtype (or set it to auto)")
     names = [spec.name for spec in config.rewards]
     _require(len(set(names)) == len(names), "rewards", f"a reward is listed twice in {names}; list each once")
     _require(any(spec.weight != 0 for spec in config.rewards), "rewards", "every reward weight is 0")

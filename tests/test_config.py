@@ -45,7 +45,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("sample.batch_size=-4", r"^sample.batch_size: must be >= 1"),
         ("sample.prompts=/no/such/file.txt", r"^sample.prompts: file '/no/such/file.txt' does not exist"),
         ("train.batch_size=7", r"^train.batch_size: 7 does not divide the 32 samples per epoch"),
-        ("rewards=[{name: hps}]", r"^rewards\[0\].name: unknown reward 'hps'"),
+        ("rewards=[{name: hpsv3}]", r"^rewards\[0\].name: unknown reward 'hpsv3'"),
         ("model.dtype=float16", r"^model.dtype: float16 needs model.device=cuda"),
         ("credit.temporal_alpha=2", r"^credit.temporal_alpha: must be in \[0, 1\]"),
         ("sample.samples_per_prompt=3", r"^sample.samples_per_prompt: 3 must be >= 1 and divide"),

@@ -17,24 +17,32 @@ _BACKENDS = {
     "digit_alignment": ("dense_rl.rewards.tiny", "DigitAlignmentReward"),
     "jpeg_compressibility": ("dense_rl.rewards.jpeg", "JpegCompressibility"),
     "jpeg_incompressibility": ("dense_rl.rewards.jpeg", "JpegIncompressibility"),
+    "aesthetic": ("dense_rl.rewards.aesthetic", "AestheticReward"),
+    "hps": ("dense_rl.rewards.hps", "HPSReward"),
+    "hps_v2.0": ("dense_rl.rewards.hps", "HPSv20Reward"),
+    "pickscore": ("dense_rl.rewards.pickscore", "PickScore"),
 }
 REWARD_NAMES = frozenset(_BACKENDS)
 # Backends that score pixels with no weights of their own take no path or device.
 _WEIGHTLESS = {"jpeg_compressibility", "jpeg_incompressibility"}
+# Backends that always compute in float32; every other one takes a `dtype` ("auto": fp16 on CUDA).
+FLOAT32_ONLY = frozenset({"preference", "digit_alignment", "jpeg_compressibility", "jpeg_incompressibility"})
 
 
 class RewardFunction(Protocol):
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
 
 
-def build_reward(name: str, path: str | None = None, device: str = "cpu") -> RewardFunction:
+def build_reward(name: str, path: str | None = None, device: str = "cpu", dtype: str = "auto") -> RewardFunction:
     if name not in _BACKENDS:
         raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(sorted(REWARD_NAMES))}")
     module_name, class_name = _BACKENDS[name]
     cls = getattr(importlib.import_module(module_name), class_name)
     if name in _WEIGHTLESS:
         return cls()
-    return cls(path=path, device=device)
+    if name in FLOAT32_ONLY:
+        return cls(path=path, device=device)
+    return cls(path=path, device=device, dtype=dtype)
 
 
 class WeightedRewards:
@@ -42,7 +50,7 @@ class WeightedRewards:
 
     def __init__(self, specs, device: str = "cpu"):
         self.weights = {spec.name: spec.weight for spec in specs}
-        self.rewards = {spec.name: build_reward(spec.name, spec.path, device) for spec in specs}
+        self.rewards = {spec.name: build_reward(spec.name, spec.path, device, spec.dtype) for spec in specs}
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         components = {
