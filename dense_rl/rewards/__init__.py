@@ -17,6 +17,7 @@ _BACKENDS = {
     "digit_alignment": ("dense_rl.rewards.tiny", "DigitAlignmentReward"),
     "jpeg_compressibility": ("dense_rl.rewards.jpeg", "JpegCompressibility"),
     "jpeg_incompressibility": ("dense_rl.rewards.jpeg", "JpegIncompressibility"),
+    "imagereward": ("dense_rl.rewards.imagereward", "ImageRewardScorer"),
 }
 REWARD_NAMES = frozenset(_BACKENDS)
 # Backends that score pixels with no weights of their own take no path or device.
