@@ -47,6 +47,7 @@ DEFAULT_MED_CONFIG = {
 }
 VIT_HEAD_DIM = 64  # every BLIP ViT (base: 768/12, large: 1024/16); the checkpoint does not store head counts
 VIT_LAYER_NORM_EPS = 1e-6
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------- finding the files
@@ -216,12 +217,18 @@ class ImageRewardScorer:
 
     name = "imagereward"
 
-    def __init__(self, path: str | None = None, device: str | torch.device = "cpu", batch_size: int = 32):
+    def __init__(self, path: str | None = None, device: str | torch.device = "cpu", dtype: str = "auto",
+                 batch_size: int = 32):
         from transformers import BertTokenizer, BlipTextModel, BlipVisionModel
 
         self.device = torch.device(device)
-        # Half precision on GPU for the two encoders; the small head runs in float32, as in the original.
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        # The two encoders run in `dtype` ("auto": float16 on GPU, float32 on CPU); the small head
+        # always runs in float32, as in the original.
+        if dtype == "auto":
+            dtype = "float16" if self.device.type == "cuda" else "float32"
+        if dtype not in _DTYPES:
+            raise ValueError(f"rewards[].dtype: {dtype!r} is not auto, float32, float16 or bfloat16")
+        self.dtype = _DTYPES[dtype]
         self.batch_size = batch_size
         checkpoint, med_config_file, tokenizer_source = resolve_imagereward_files(path)
         self.source = str(checkpoint)
