@@ -270,3 +270,37 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
         ImageRewardScorer(path=str(tmp_path))
     assert _RunsOnUnpickle.calls == []
+
+
+def test_hub_id_loads_through_the_hub_cache(checkpoint, tmp_path):
+    """With no `path` the scorer resolves THUDM/ImageReward (and bert-base-uncased's vocabulary)
+    through huggingface_hub. Offline, a hub cache holding the tiny model under those ids stands in
+    for the download; scores must equal the same files loaded from a local folder."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    folder, _, _ = checkpoint
+    cache = tmp_path / "hub"
+    for repo, files in [("THUDM/ImageReward", ["ImageReward.pt", "med_config.json"]),
+                        ("google-bert/bert-base-uncased", ["vocab.txt"])]:
+        snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)  # huggingface_hub's layout
+        snapshot.mkdir(parents=True)
+        for name in files:
+            shutil.copy(folder / name, snapshot / name)
+        (snapshot.parent.parent / "refs").mkdir()
+        (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(5))
+    torch.save(images, tmp_path / "images.pt")
+    script = (
+        "import json, torch; from dense_rl.rewards import build_reward;"
+        f"images = torch.load({str(tmp_path / 'images.pt')!r}, weights_only=True);"
+        "print(json.dumps(build_reward('imagereward')(images, ['a cat', 'a red dog']).tolist()))"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from_hub = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
+    local = ImageRewardScorer(path=str(folder))(images, ["a cat", "a red dog"])
+    torch.testing.assert_close(from_hub, local, atol=1e-5, rtol=1e-5)
