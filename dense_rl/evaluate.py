@@ -262,8 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
+            # On a shared or oversubscribed machine, fewer threads than cores is much faster.
+            torch.set_num_threads(args.threads)
         for name in ("samples_per_prompt", "batch_size"):
             if getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")

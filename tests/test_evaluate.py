@@ -30,6 +30,15 @@ RUN_OVERRIDES = [
 NUM_PROMPTS, SAMPLES_PER_PROMPT, BATCH_SIZE, SEED = 6, 2, 5, 3  # 12 images: batches of 5, 5, 2
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # Sampling the tiny model is ~100x slower with 2 threads than with 1 when the cores are shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("runs")
@@ -54,7 +63,7 @@ def independent_scores(pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
 def test_unseen_reward_evaluation(trained_run, capsys):
     code = main([
         trained_run, "--rewards", "digit_alignment", "--checkpoints", "all", "--max-prompts", str(NUM_PROMPTS),
-        "--samples-per-prompt", str(SAMPLES_PER_PROMPT), "--batch-size", str(BATCH_SIZE), "--seed", str(SEED),
+        "--samples-per-prompt", str(SAMPLES_PER_PROMPT), "--batch-size", str(BATCH_SIZE), "--seed", str(SEED), "--threads", "1",
     ])
     assert code == 0
     out = capsys.readouterr().out
@@ -94,6 +103,7 @@ def test_bad_arguments_fail_with_one_line(trained_run, tmp_path, capsys):
         ([trained_run, "--rewards", "digit_alignment", "--checkpoints", "7"], "error: --checkpoints: no checkpoint for epoch 7"),
         ([trained_run, "--rewards", "digit_alignment=/no/such.safetensors"], "error: --rewards: digit_alignment: "),
         ([trained_run, "--rewards", "digit_alignment", "--prompts", "/no/such.txt"], "error: --prompts: "),
+        ([trained_run, "--rewards", "digit_alignment", "--threads", "0"], "error: --threads: must be >= 1"),
     ]
     before = RunDir(trained_run).read_bytes("metrics.parquet")
     for argv, message in cases:
