@@ -156,7 +156,7 @@ def evaluate_run(
     if include_base:
         policies = {0: "", **policies}
     if not policies:
-        raise ConfigError(f"--checkpoints: {run.uri} has no checkpoint yet; evaluate the base model with --checkpoints all")
+        raise ConfigError(f"--no-base: {run.uri} has no checkpoint yet, so nothing is left to evaluate; drop --no-base")
     trained = [spec.name for spec in config.rewards]
     specs = reward_specs + [spec for spec in config.rewards if spec.name not in {s.name for s in reward_specs}]
 
