@@ -1,7 +1,9 @@
-"""Prompt sets: a text file with one prompt per line, or a set shipped with the package."""
+"""Prompt sets: a text file with one prompt per line, a JSON list of prompts (the format of HPSv2's
+benchmark files), or a set shipped with the package."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +28,24 @@ def load_prompts(spec: str) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"sample.prompts: {path} is not UTF-8 text (byte {error.start}); re-save it as UTF-8") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if path.suffix == ".json":
+        lines = _json_prompts(text, path)
+    else:
+        lines = text.splitlines()
+    prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"sample.prompts: {path} holds no prompts; write one prompt per line")
     return prompts
+
+
+def _json_prompts(text: str, path: Path) -> list[str]:
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"sample.prompts: {path} is not valid JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"sample.prompts: {path} must hold a JSON list of strings, as HPSv2's benchmark files do")
+    return values
 
 
 def choose_prompts(rng: np.random.Generator, prompts: list[str], batch_size: int, samples_per_prompt: int) -> list[str]:

@@ -21,6 +21,7 @@ _BACKENDS = {
     "hps": ("dense_rl.rewards.hps", "HPSReward"),
     "hps_v2.0": ("dense_rl.rewards.hps", "HPSv20Reward"),
     "pickscore": ("dense_rl.rewards.pickscore", "PickScore"),
+    "imagereward": ("dense_rl.rewards.imagereward", "ImageRewardScorer"),
 }
 REWARD_NAMES = frozenset(_BACKENDS)
 # Backends that score pixels with no weights of their own take no path or device.
