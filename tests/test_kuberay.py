@@ -328,6 +328,13 @@ def test_renderer_refuses_what_it_does_not_implement(tmp_path):
         render_module.render(tmp_path)
 
 
+def test_renderer_command_line(capsys):
+    assert render_module.main([str(OVERLAYS["cpu-demo"]), "--without", "RayCluster", "--without", "PodMonitor"]) == 0
+    printed = list(yaml.safe_load_all(capsys.readouterr().out))
+    expected = [o for o in render_module.render(OVERLAYS["cpu-demo"]) if o["kind"] not in ("RayCluster", "PodMonitor")]
+    assert printed == expected and len(printed) == 5
+
+
 def test_dockerfile_builds_on_the_pinned_ray():
     dockerfile = (REPO / "deploy/Dockerfile").read_text()
     (default_image,) = re.findall(r"^ARG RAY_IMAGE=(\S+)$", dockerfile, re.M)

@@ -106,7 +106,7 @@ def finish_epoch(run: RunDir, driver, tracker: RunTracker, epoch: int) -> None:
 
 
 @needs_redis
-def test_redis_registry_with_password_from_the_environment(tmp_path, monkeypatch):
+def test_redis_registry_with_password_from_the_environment(tmp_path, monkeypatch, capsys):
     server = RedisServer(tmp_path / "redis", password="s3cret-from-a-secret").start()
     try:
         monkeypatch.setenv(REDIS_URL_ENV, server.url)  # no password in the URL, as in the manifests
@@ -122,6 +122,8 @@ def test_redis_registry_with_password_from_the_environment(tmp_path, monkeypatch
         # What another client (redis-cli, a dashboard) sees: plain JSON under a documented key.
         assert json.loads(server.client().get("dense_rl:run:a"))["epoch"] == 3
         assert registry.get("missing") is None
+        assert runs.main(["list"]) == 0  # the CLI reads Redis when DENSE_RL_REDIS_URL is set
+        assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["NAME", "a", "b"]
     finally:
         server.stop()
 

@@ -1,7 +1,7 @@
 """Render a kustomization in Python: the subset of kustomize these manifests use, with kustomize's
 meaning, so `kustomize build --load-restrictor LoadRestrictionsNone DIR` prints the same objects.
 
-    python deploy/kuberay/render.py deploy/kuberay/overlays/gpu | kubectl apply -f -
+    python deploy/kuberay/render.py deploy/kuberay/overlays/gpu --without RayCluster | kubectl apply -f -
 
 Supported kustomization fields (anything else is refused, never silently ignored):
   resources          files (multi-document YAML) and folders holding a kustomization.yaml
@@ -134,13 +134,18 @@ def set_image(node, image: dict) -> None:
             set_image(item, image)
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python deploy/kuberay/render.py KUSTOMIZATION_DIR", file=sys.stderr)
-        return 2
-    print(yaml.safe_dump_all(render(argv[0]), sort_keys=False), end="")
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Render a kustomization (the subset dense_rl uses) to YAML.")
+    parser.add_argument("folder", help="a folder with a kustomization.yaml, e.g. deploy/kuberay/overlays/gpu")
+    parser.add_argument("--without", action="append", default=[], metavar="KIND",
+                        help="leave out objects of this kind, e.g. RayCluster (repeatable)")
+    args = parser.parse_args(argv)
+    objects = [o for o in render(args.folder) if o["kind"] not in args.without]
+    print(yaml.safe_dump_all(objects, sort_keys=False), end="")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
