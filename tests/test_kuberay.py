@@ -156,6 +156,8 @@ def cluster_problems(spec: dict, config: Config) -> list[str]:
         problems.append("headGroupSpec: the head must keep no work (rayStartParams num-cpus: \"0\")")
     if spec.get("enableInTreeAutoscaling") is not True:
         problems.append("enableInTreeAutoscaling must be true")
+    if spec.get("authOptions", {}).get("mode") != "token":
+        problems.append("authOptions.mode must be token (the dashboard and GCS are reachable in the cluster)")
     if spec.get("rayVersion") != ray.__version__:
         problems.append(f"rayVersion {spec.get('rayVersion')} != installed Ray {ray.__version__}")
     cluster = config.cluster
