@@ -101,11 +101,13 @@ def start_ray(config: Config, verbose: bool = False) -> None:
         return
     # Logical CPUs: actors are sized for a real cluster; on a laptop they share its cores.
     num_cpus = max(math.ceil(config.cluster.resources_needed()["CPU"]), os.cpu_count() or 1)
+    # A private instance is one node holding every role: it advertises the cluster.*_resource units too.
+    custom = {k: v for k, v in config.cluster.resources_needed().items() if k not in ("CPU", "GPU")} or None
     if address == "local":
-        ray.init(address="local", num_cpus=num_cpus, **options)
+        ray.init(address="local", num_cpus=num_cpus, resources=custom, **options)
         return
     try:
-        ray.init(num_cpus=num_cpus, **options)  # starts one unless RAY_ADDRESS / `ray start` names a cluster
+        ray.init(num_cpus=num_cpus, resources=custom, **options)  # starts one unless RAY_ADDRESS / `ray start` names a cluster
     except ValueError as error:
         if "existing cluster" not in str(error):
             raise

@@ -30,6 +30,8 @@ def launch_command(output_dir: Path) -> list[str]:
         "--set", f"run.num_epochs={NUM_EPOCHS}", "--set", "cluster.num_rollout_workers=1",
         "--set", "cluster.num_learner_workers=1", "--set", "sample.batch_size=8",
         "--set", "sample.num_batches_per_epoch=1", "--set", "train.batch_size=8",
+        # A private local instance advertises the role resources itself (one node holds every role).
+        "--set", "cluster.rollout_resource=rollout", "--set", "cluster.learner_resource=learner",
     ]
 
 
