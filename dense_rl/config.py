@@ -11,6 +11,7 @@ prints it and exits before any model is loaded or any Ray process starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,14 +108,30 @@ class ClusterConfig:
     learner_gpus: float = 0.0  # per worker; > 0 trains on CUDA with NCCL
     max_policy_lag: int = 0  # 0: sync, exactly on-policy; >= 1: async, rollouts overlap the update
     resource_wait_s: float = 60.0  # how long to wait for an autoscaler to add the CPUs/GPUs asked for
+    # A custom Ray resource per role, e.g. "rollout" on nodes started with --resources='{"rollout": 4}':
+    # each actor (or learner worker) of the role asks for one unit of it, so roles land on the nodes
+    # that advertise it. Empty: no custom resource, place anywhere.
+    rollout_resource: str = ""
+    reward_resource: str = ""
+    learner_resource: str = ""
+
+    def custom_resources(self, role: str) -> dict[str, float]:
+        """{"<cluster.ROLE_resource>": 1} or {} for role in rollout, reward, learner."""
+        name = getattr(self, f"{role}_resource")
+        return {name: 1.0} if name else {}
 
     def resources_needed(self) -> dict[str, float]:
-        return {
+        needed = {
             "CPU": self.num_rollout_workers * self.rollout_cpus + self.num_reward_workers * self.reward_cpus
             + self.num_learner_workers * self.learner_cpus,
             "GPU": self.num_rollout_workers * self.rollout_gpus + self.num_reward_workers * self.reward_gpus
             + self.num_learner_workers * self.learner_gpus,
         }
+        for role, count in (("rollout", self.num_rollout_workers), ("reward", self.num_reward_workers),
+                            ("learner", self.num_learner_workers)):
+            for name, amount in self.custom_resources(role).items():
+                needed[name] = needed.get(name, 0.0) + count * amount
+        return needed
 
 
 @dataclass
@@ -313,6 +330,12 @@ def validate(config: Config) -> None:
              "each learner takes an equal share of every optimizer step")
     _require(cluster.resource_wait_s >= 0, "cluster.resource_wait_s", f"must be >= 0, got {cluster.resource_wait_s}")
     _require(cluster.max_policy_lag >= 0, "cluster.max_policy_lag", f"must be >= 0 (0 = sync), got {cluster.max_policy_lag}")
+    for role in ("rollout", "reward", "learner"):
+        name = getattr(cluster, f"{role}_resource")
+        _require(name == "" or (re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name) is not None
+                                and name not in ("CPU", "GPU", "memory", "object_store_memory")),
+                 f"cluster.{role}_resource", f"{name!r} must be a custom Ray resource name such as {role!r} "
+                 "(letters, digits, _ . -; not CPU/GPU/memory), or empty")
     on_gpus = cluster.rollout_gpus > 0 and cluster.learner_gpus > 0
     _require(model.device == "cpu" or on_gpus, "model.device",
              "cuda needs cluster.rollout_gpus > 0 and cluster.learner_gpus > 0 so the actors are placed on GPUs")

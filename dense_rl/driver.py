@@ -57,11 +57,13 @@ class Driver:
         self.prompts = load_prompts(config.sample.prompts)
         cluster = config.cluster
         self.rollout_workers = [
-            RolloutWorker.options(num_cpus=cluster.rollout_cpus, num_gpus=cluster.rollout_gpus).remote(config, cluster.rollout_cpus)
+            RolloutWorker.options(num_cpus=cluster.rollout_cpus, num_gpus=cluster.rollout_gpus,
+                                  resources=cluster.custom_resources("rollout")).remote(config, cluster.rollout_cpus)
             for _ in range(cluster.num_rollout_workers)
         ]
         self.reward_workers = [
-            RewardWorker.options(num_cpus=cluster.reward_cpus, num_gpus=cluster.reward_gpus).remote(config, cluster.reward_cpus)
+            RewardWorker.options(num_cpus=cluster.reward_cpus, num_gpus=cluster.reward_gpus,
+                                 resources=cluster.custom_resources("reward")).remote(config, cluster.reward_cpus)
             for _ in range(cluster.num_reward_workers)
         ]
         if initial_weights is not None:  # resuming: rollouts start from the checkpoint's LoRA

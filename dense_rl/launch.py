@@ -53,6 +53,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str]:
             config = load_config(copy.name, args.overrides)
         return config, run.uri
     config = load_config(args.config, args.overrides)
+    from dense_rl.registry import registered_run_uri
+
+    registered = registered_run_uri(config)  # a job resubmitted under the same run.name (Redis registry)
+    if registered is not None:
+        log.info("run %r is in the registry: resuming %s", config.run.name, registered)
+        args.resume, args.config = registered, None
+        return resolve_config(args)
     if not config.run.name:
         config.run.name = time.strftime("run-%Y%m%d-%H%M%S")
     return config, f"{config.run.output_dir.rstrip('/')}/{config.run.name}"
@@ -94,11 +101,13 @@ def start_ray(config: Config, verbose: bool = False) -> None:
         return
     # Logical CPUs: actors are sized for a real cluster; on a laptop they share its cores.
     num_cpus = max(math.ceil(config.cluster.resources_needed()["CPU"]), os.cpu_count() or 1)
+    # A private instance is one node holding every role: it advertises the cluster.*_resource units too.
+    custom = {k: v for k, v in config.cluster.resources_needed().items() if k not in ("CPU", "GPU")} or None
     if address == "local":
-        ray.init(address="local", num_cpus=num_cpus, **options)
+        ray.init(address="local", num_cpus=num_cpus, resources=custom, **options)
         return
     try:
-        ray.init(num_cpus=num_cpus, **options)  # starts one unless RAY_ADDRESS / `ray start` names a cluster
+        ray.init(num_cpus=num_cpus, resources=custom, **options)  # starts one unless RAY_ADDRESS / `ray start` names a cluster
     except ValueError as error:
         if "existing cluster" not in str(error):
             raise
@@ -132,6 +141,7 @@ def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verb
     import ray
 
     from dense_rl.driver import Driver
+    from dense_rl.registry import RunTracker
     from dense_rl.run_dir import RunDir
     from dense_rl.run_record import RunRecorder, load_resume_point
 
@@ -146,9 +156,16 @@ def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verb
             recorder.write_config()
         else:
             log.info("resuming %s from %s (epoch %d)", run.uri, checkpoint, state.epoch)
-        return Driver(config, recorder, state, weights, resume_from=checkpoint).run(
-            show_progress=show_progress, on_epoch=on_epoch
-        )
+        tracker = RunTracker.start(config, run.uri, state)  # the run registry (Redis or the run directory)
+        try:
+            history = Driver(config, recorder, state, weights, resume_from=checkpoint).run(
+                show_progress=show_progress, on_epoch=tracker.on_epoch(then=on_epoch)
+            )
+        except BaseException as error:
+            tracker.finish("failed", error)
+            raise
+        tracker.finish("finished")
+        return history
     finally:
         ray.shutdown()
 

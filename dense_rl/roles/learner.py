@@ -125,7 +125,7 @@ class LearnerGroup:
         self.num_workers = cluster.num_learner_workers
         self.inboxes = [Queue(actor_options={"num_cpus": 0}) for _ in range(self.num_workers)]
         self.outbox = Queue(actor_options={"num_cpus": 0})
-        resources = {"CPU": cluster.learner_cpus}
+        resources = {"CPU": cluster.learner_cpus, **cluster.custom_resources("learner")}
         if cluster.learner_gpus > 0:
             resources["GPU"] = cluster.learner_gpus
         # A fresh name per fit: Ray Train resumes a same-named run from *its* newest checkpoint, which
