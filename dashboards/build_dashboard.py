@@ -72,6 +72,8 @@ ROWS = [
          [q(f"max(ray_dense_rl_epoch{{{S}}})", "epochs")], "stat"),
         ("Non-finite rewards", "short", "Samples of the last epoch whose reward was NaN or infinite (alerted).",
          [q(f"max(ray_dense_rl_nonfinite_rewards{{{S}}})", "NaN/inf rewards")], "stat"),
+        ("Time since the last epoch", "s", "Seconds since the driver last finished an epoch (alerted after 30 min).",
+         [q(f"time() - max(ray_dense_rl_last_progress_timestamp_seconds{{{S}}})", "since last epoch")], "stat"),
     ]),
     ("Credit assignment", [
         ("Step credit in the first and last window", "percentunit",
