@@ -129,6 +129,17 @@ def has_data(result: list[dict]) -> bool:
     return any(math.isfinite(float(series["value"][1])) for series in result)
 
 
+def query_until_data(api: Prometheus, expr: str, seconds: float = 15.0) -> list[dict]:
+    """The query's result, asked again for a few seconds while it is empty: Ray's node stats arrive
+    every second or so, and a busy machine can leave a scrape without them."""
+    deadline = time.monotonic() + seconds
+    while True:
+        result = api.query(expr)
+        if has_data(result) or time.monotonic() > deadline:
+            return result
+        time.sleep(1)
+
+
 @pytest.mark.slow
 @needs_prometheus
 def test_every_dashboard_panel_has_data_from_a_real_run(tmp_path, monkeypatch):
@@ -137,7 +148,10 @@ def test_every_dashboard_panel_has_data_from_a_real_run(tmp_path, monkeypatch):
 
     ray_tmp = tempfile.mkdtemp(prefix="drl-obs-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     monkeypatch.setenv("RAY_TMPDIR", ray_tmp)  # a private Ray temp dir, hence a private service-discovery file
-    monkeypatch.setenv("RAY_metrics_report_interval_ms", "1000")  # Ray's default 10 s is too slow for a test
+    # Ray's agents report every 10 s (node stats every 5 s) by default: too slow for a test. A gauge
+    # lives 2 report intervals in the agent, so node stats must come faster than that.
+    monkeypatch.setenv("RAY_metrics_report_interval_ms", "2000")
+    monkeypatch.setenv("REPORTER_UPDATE_INTERVAL_MS", "1000")
     port = free_port()
     log = open(tmp_path / "prometheus.log", "wb")
     prometheus = local_prometheus.start(port, str(tmp_path / "prometheus"), os.path.join(ray_tmp, "ray"),
@@ -146,7 +160,7 @@ def test_every_dashboard_panel_has_data_from_a_real_run(tmp_path, monkeypatch):
     num_epochs = 3
     config = load_config("configs/tiny.yaml", [
         "cluster.address=local", f"run.output_dir={tmp_path}", "run.name=observed", f"run.num_epochs={num_epochs}",
-        "cluster.num_rollout_workers=2", "cluster.num_reward_workers=1", "cluster.num_learner_workers=1",
+        "cluster.num_rollout_workers=1", "cluster.num_reward_workers=1", "cluster.num_learner_workers=1",
         "sample.batch_size=8", "sample.num_batches_per_epoch=2", "train.batch_size=8",
     ])
     answers: dict = {}
@@ -164,10 +178,9 @@ def test_every_dashboard_panel_has_data_from_a_real_run(tmp_path, monkeypatch):
         answers["sessions"] = sessions
         session = sessions[0]
         answers["names"] = {n: api.query(f'{n}{{SessionName="{session}"}}') for n in exported_names()}
-        answers["panels"] = [
-            (title, expr, api.query(expr.replace("$session", session).replace("$__rate_interval", "1m")))
-            for title, expr in panel_queries(dashboard())
-        ]
+        answers["panels"] = [(title, expr, query_until_data(api, expr.replace("$session", session)
+                                                             .replace("$__rate_interval", "1m")))
+                             for title, expr in panel_queries(dashboard())]
         answers["record"] = api.query(f'dense_rl:trajectories_per_second:rate5m{{SessionName="{session}"}}')
         answers["alerts"] = api.get("/api/v1/alerts")["alerts"]
         answers["rules"] = api.get("/api/v1/rules")["groups"]
