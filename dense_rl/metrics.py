@@ -98,17 +98,25 @@ class _GaugeKeeper:
                 self.thread = threading.Thread(target=self._refresh, name="dense-rl-gauges", daemon=True)
                 self.thread.start()
 
+    def reset(self) -> None:
+        """Forget metrics and held gauge values (a driver process that starts a new Ray session)."""
+        with self.lock:
+            self.metrics.clear()
+            self.gauges.clear()
+
     def _refresh(self) -> None:
         interval = max(ray._config.metrics_report_interval_ms(), 1000) / 1000 / 2
         while True:
             time.sleep(interval)
+            if not ray.is_initialized():  # between sessions (driver) or shutting down: nothing to report to
+                continue
             with self.lock:
                 held = list(self.gauges.values())
             for gauge, value, tags in held:
                 try:
                     gauge.set(value, tags=tags)
-                except Exception:  # Ray is shutting down; the process goes with it
-                    return
+                except Exception:  # Ray shut down between the check and the call
+                    break
 
 
 _KEEPER = _GaugeKeeper()
@@ -186,6 +194,7 @@ class DriverMetrics:
     """The driver's view: stage occupancy while an epoch runs, and per-epoch learning statistics."""
 
     def __init__(self, config, rollout_workers: list):
+        _KEEPER.reset()  # values of an earlier run in this process must not be re-reported
         self.config = config
         self.rollout_labels = [actor_label(w) for w in rollout_workers]
         self.epoch_started_at = self.sampled_at = self.scored_at = time.perf_counter()
