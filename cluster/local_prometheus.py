@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -92,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     process = start(args.port, args.storage, args.ray_temp_dir, args.scrape_interval, host=args.host)
     print(f"Prometheus on http://{args.host}:{args.port}, scraping Ray through "
           f"{os.path.join(args.ray_temp_dir, SD_FILE)}; Ctrl-C stops it")
+    # Ctrl-C or a plain `kill` of this script stops Prometheus with it (no orphan holding the port).
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         return process.wait()
     except KeyboardInterrupt:
