@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dense_rl.advantages import compute_step_advantages
+from dense_rl.metrics import DriverMetrics
 from dense_rl.config import Config
 from dense_rl.prompts import choose_prompts, load_prompts
 from dense_rl.roles.learner import LearnerGroup
@@ -71,6 +72,7 @@ class Driver:
             ray.get([w.set_weights.remote(state.epoch, [weights]) for w in self.rollout_workers])
         self.learner = LearnerGroup(config, self.rollout_workers, recorder.run.uri, start_version=state.epoch,
                                     resume_from=resume_from)
+        self.metrics = DriverMetrics(config, self.rollout_workers)  # Prometheus, via Ray's metrics agent
 
     # ------------------------------------------------------------------ one stage each
 
@@ -88,7 +90,9 @@ class Driver:
     def score(self, trajectory_refs: list[ray.ObjectRef]) -> list[ScoredBatch]:
         """Trajectories -> RewardWorkers: rewards and per-step credit weights (the heavy tensors stay put)."""
         workers = self.reward_workers
-        return ray.get([workers[i % len(workers)].score.remote(ref) for i, ref in enumerate(trajectory_refs)])
+        score_refs = [workers[i % len(workers)].score.remote(ref) for i, ref in enumerate(trajectory_refs)]
+        self.metrics.wait_for_stages(trajectory_refs, score_refs)
+        return ray.get(score_refs)
 
     def advantages(self, scored: list[ScoredBatch]) -> tuple[torch.Tensor, dict]:
         """Per-prompt normalisation of rewards, then of the shaped step rewards (both stages here,
@@ -129,13 +133,16 @@ class Driver:
         try:
             for epoch in range(state.epoch, config.run.num_epochs):
                 started = time.perf_counter()
+                self.metrics.epoch_started()
                 trajectory_refs = pending
                 scored = self.score(trajectory_refs)
+                self.metrics.batches_arrived(epoch, scored)
                 sampled_and_scored = time.perf_counter()
                 if asynchronous:
                     scored = self.refresh_stale(epoch, trajectory_refs, scored)
                 step_advantages, advantage_info = self.advantages(scored)
                 self.learner.submit(epoch, trajectory_refs, step_advantages)
+                self.metrics.submitted(len(trajectory_refs))
                 pending = None
                 if asynchronous and epoch + 1 < config.run.num_epochs:
                     pending = self.sample(epoch + 1)  # overlaps the learner's update
@@ -151,6 +158,7 @@ class Driver:
                     timings={"sample_and_score": sampled_and_scored - started, "learn_and_sync": learned - sampled_and_scored},
                 )
                 state.history.append(metrics)
+                self.metrics.epoch_finished(epoch, scored, result.metrics)
                 self.recorder.record_epoch(epoch, state, scored, metrics, checkpoint=result.checkpoint)
                 bar.update(1)
                 bar.set_postfix(samples=state.samples_seen, reward=f"{metrics['reward_mean']:.3f}",

@@ -42,6 +42,7 @@ def learner_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from dense_rl import metrics
     from dense_rl.diffusion.sampler import Trajectories
     from dense_rl.lora import LORA_FILE, load_lora_state_dict, lora_state_dict, save_lora
     from dense_rl.loop import build_policy
@@ -86,17 +87,24 @@ def learner_loop(loop_config: dict) -> None:
             return
         epoch, pieces, step_advantages = work
         trajectories = Trajectories.concat([ray.get(ref).select(rows) for ref, rows in pieces])
+        started = time.perf_counter()
         info = ppo_update(
             unet, pipe.scheduler, optimizer, params, trajectories, step_advantages, train_config,
             eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
             generator=torch.Generator().manual_seed(update_seed(config.run.seed, epoch, rank)),
         )
+        info["step_seconds"] = time.perf_counter() - started
+        metrics.record_learner_update(rank, info, info["step_seconds"])
         version = epoch + 1
         save = version % config.run.save_every == 0 or version == config.run.num_epochs
         if rank == 0:
             # Publish once; wait until every worker holds it so the next epoch samples on-policy.
-            weights = ray.put(lora_state_dict(pipe.unet))
+            started, state = time.perf_counter(), lora_state_dict(pipe.unet)
+            weights = ray.put(state)
             ray.get([worker.set_weights.remote(version, [weights]) for worker in rollout_workers])
+            info["broadcast_seconds"] = time.perf_counter() - started
+            metrics.record_weight_broadcast(rank, version, info["broadcast_seconds"],
+                                            sum(t.numel() * t.element_size() for t in state.values()))
         # Every rank reports (it is a barrier); only rank 0 attaches the checkpoint.
         if save and rank == 0:
             folder_name = f"epoch-{version:04d}"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import ray
 import torch
 
+from dense_rl import metrics
 from dense_rl.config import Config
 from dense_rl.diffusion.sampler import Trajectories
 from dense_rl.roles.rollout import use_actor_cpus
@@ -35,6 +37,8 @@ class RewardWorker:
         self.preview_count = preview_count
 
     def score(self, trajectories: Trajectories) -> ScoredBatch:
+        started = time.perf_counter()
         scores = score_trajectories(self.rewards, trajectories, self.credit)
+        metrics.record_scoring(time.perf_counter() - started)
         preview = (trajectories.images[: self.preview_count] * 255).round().to(torch.uint8)
         return ScoredBatch(trajectories.prompts, trajectories.policy_version, scores, preview)

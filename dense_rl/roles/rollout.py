@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import ray
 import torch
+
+from dense_rl import metrics
 
 from dense_rl.config import Config
 from dense_rl.diffusion.sampler import Trajectories, sample_trajectories
@@ -24,6 +28,7 @@ class RolloutWorker:
         self.config = config
         self.pipe, _ = build_policy(config)
         self.version = 0
+        metrics.record_policy_version("rollout", self.version)
 
     def set_weights(self, version: int, weights: list) -> int:
         """Swap in LoRA state `weights[0]` (an ObjectRef wrapped in a list so Ray does not resolve it
@@ -31,16 +36,20 @@ class RolloutWorker:
         state = ray.get(weights[0]) if isinstance(weights[0], ray.ObjectRef) else weights[0]
         load_lora_state_dict(self.pipe.unet, state)
         self.version = version
+        metrics.record_policy_version("rollout", version)
         return version
 
     def generate(self, prompts: list[str], seed: int) -> Trajectories:
         """One batch; the seed, not the worker, decides the noise, so any worker gives the same batch."""
         sample = self.config.sample
-        return sample_trajectories(
+        started = time.perf_counter()
+        trajectories = sample_trajectories(
             self.pipe, prompts, num_steps=sample.num_steps, guidance_scale=sample.guidance_scale, eta=sample.eta,
             negative_prompt=sample.negative_prompt, generator=torch.Generator().manual_seed(seed),
             policy_version=self.version,
         )
+        metrics.record_rollout_batch(len(prompts), sample.num_steps, time.perf_counter() - started)
+        return trajectories
 
     def weights(self) -> tuple[int, dict]:
         """(version, LoRA state): lets tests and the driver check what this worker samples with."""
