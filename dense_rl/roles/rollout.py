@@ -35,12 +35,20 @@ class RolloutWorker:
 
     def generate(self, prompts: list[str], seed: int) -> Trajectories:
         """One batch; the seed, not the worker, decides the noise, so any worker gives the same batch."""
+        from dense_rl import chaos
+
+        chaos.strike("rollout", self.version)
         sample = self.config.sample
         return sample_trajectories(
             self.pipe, prompts, num_steps=sample.num_steps, guidance_scale=sample.guidance_scale, eta=sample.eta,
             negative_prompt=sample.negative_prompt, generator=torch.Generator().manual_seed(seed),
             policy_version=self.version,
         )
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     def weights(self) -> tuple[int, dict]:
         """(version, LoRA state): lets tests and the driver check what this worker samples with."""
