@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import ray
 import torch
-from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError, RayTaskError
 
 log = logging.getLogger("dense_rl")
 
@@ -77,19 +78,30 @@ class Recovery:
         batch.ref = worker.generate.remote(batch.prompts, batch.seed)
 
     def reissue(self, batch: RolloutBatch, why: str) -> None:
-        """Sample `batch` again on the next worker, after giving it the newest weights. A dead actor's
-        handle serves again once Ray has restarted it; one past its restarts fails fast and we move on."""
+        """Sample `batch` again on the next live worker, after giving it the newest weights."""
         batch.reissues += 1
         if batch.reissues > self.max_reissues:
-            raise RunFailed(
-                f"cluster.num_rollout_workers: batch {batch.index} of epoch {batch.epoch} failed {batch.reissues} "
-                f"times, last: {why}; every rollout worker is gone (cluster.actor_restarts="
-                f"{self.max_reissues // len(self.rollout_workers) - 1}); check the rollout actors' logs"
-            )
-        batch.worker = (batch.worker + 1) % len(self.rollout_workers)
+            self._all_gone(batch, why)
+        batch.worker = self._live_worker((batch.worker + 1) % len(self.rollout_workers), batch, why)
         log.warning("rollout batch %d of epoch %d: %s; issuing it again to rollout worker %d",
                     batch.index, batch.epoch, why, batch.worker)
         self.issue(batch, sync_weights=True)
+
+    def _live_worker(self, start: int, batch: RolloutBatch, why: str) -> int:
+        """The first worker from `start` on that answers, waiting while Ray restarts one (calls to a
+        restarting actor fail at once); one past its restarts is skipped."""
+        for offset in range(len(self.rollout_workers)):
+            index = (start + offset) % len(self.rollout_workers)
+            if wait_until_alive(self.rollout_workers[index]):
+                return index
+        self._all_gone(batch, why)
+
+    def _all_gone(self, batch: RolloutBatch, why: str):
+        raise RunFailed(
+            f"cluster.num_rollout_workers: batch {batch.index} of epoch {batch.epoch} failed {batch.reissues} "
+            f"times, last: {why}; no rollout worker is left (cluster.actor_restarts="
+            f"{self.max_reissues // len(self.rollout_workers) - 1}); check the rollout actors' logs"
+        )
 
     # ------------------------------------------------------------------ rewards
 
@@ -113,7 +125,7 @@ class Recovery:
                     self.reissue(batch, f"lost ({first_line(getattr(error, 'cause', None) or error)})")
                 else:
                     reward_failures[position] += 1
-                    self._reward_failed(batch, error, reward_failures[position])
+                    self._reward_failed(position, batch, error, reward_failures[position])
             pending[self._score(position, batches[position])] = position
         return results
 
@@ -125,7 +137,7 @@ class Recovery:
             return isinstance(error, RayActorError) or "RolloutWorker.generate" in str(error).split("\n", 1)[0]
         return not isinstance(error, RayActorError)  # a lost object (node gone), not the reward actor
 
-    def _reward_failed(self, batch: RolloutBatch, error: RayError, failures: int) -> None:
+    def _reward_failed(self, position: int, batch: RolloutBatch, error: RayError, failures: int) -> None:
         from dense_rl.rewards import RewardFailed
 
         cause = getattr(error, "cause", None)
@@ -138,6 +150,23 @@ class Recovery:
                             f"{self.reward_retries})") from None
         log.warning("%s; retrying batch %d of epoch %d (attempt %d of %d)", what, batch.index, batch.epoch,
                     failures + 1, self.reward_retries + 1)
+        if isinstance(error, ActorUnavailableError) and not isinstance(error, RayTaskError):
+            wait_until_alive(self.reward_workers[position % len(self.reward_workers)])  # Ray restarts it
+
+
+def wait_until_alive(actor, timeout_s: float = 600.0) -> bool:
+    """True once `actor` answers; False if it is dead for good (past its restarts) or never returns."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.pid.remote())
+            return True
+        except ActorDiedError:
+            return False
+        except ActorUnavailableError:  # restarting: its constructor is still running
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------- bad rewards
