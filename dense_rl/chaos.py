@@ -10,8 +10,8 @@ so every actor and learner process inherits it. Each fault says where it strikes
     {"point": "rollout", "version": 1, "action": "pause", "seconds": 20}
 
 "sigkill" kills the process itself (as the kernel or a preempted node would), "raise" raises, "pause"
-sleeps after writing `<plan>.paused-<pid>` (so a test can kill the process from outside while it is
-busy), "nan" is read by the caller. `times` bounds how often a fault fires across all processes and
+sleeps after writing `<plan>.paused-<pid>` holding the Ray actor id (so a test can kill the actor from
+outside while it is busy), "nan" is read by the caller. `times` bounds how often a fault fires across all processes and
 restarts: each firing claims a marker file with O_EXCL. Without DENSE_RL_CHAOS (any real run) every
 hook returns at once.
 """
@@ -61,7 +61,9 @@ def strike(point: str, version: int | None = None, **where) -> dict | None:
     if action == "raise":
         raise RuntimeError(fault.get("message", f"injected fault at {point}"))
     if action == "pause":
+        import ray
+
         with open(f"{os.environ[ENV]}.paused-{os.getpid()}", "w", encoding="utf-8") as marker:
-            marker.write(point)
+            marker.write(ray.get_runtime_context().get_actor_id() or "")
         time.sleep(float(fault.get("seconds", 30)))
     return fault
