@@ -38,7 +38,9 @@ def plan_file(tmp_path_factory):
     plan.write_text("[]")
     os.environ[chaos.ENV] = str(plan)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(address="local", num_cpus=6, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    # With the dashboard: Ray Train's placement-group cleaner asks the state API whether the controller
+    # lives, and without one it may ask another Ray instance on the machine, and take "unknown" for dead.
+    ray.init(address="local", num_cpus=6, logging_level=logging.ERROR, log_to_driver=False)
     yield plan
     ray.shutdown()
     del os.environ[chaos.ENV]
@@ -160,7 +162,8 @@ def test_bad_rewards_are_dropped_and_counted_and_all_bad_stops(plan_file, tmp_pa
     assert "epoch 1: 3 of 16 rewards are NaN or infinite; dropped from the update" in caplog.text
     # The trackers never saw a NaN, and the checkpoint of epoch 2 is whole and finite.
     state = run.read_json(f"{run.latest_checkpoint()['path']}/driver_state.json")
-    assert "NaN" not in json.dumps(state["reward_tracker"]) and run.latest_checkpoint()["epoch"] == 2
+    values = [v for buffer in state["reward_tracker"]["buffers"].values() for row in buffer for v in np.ravel(row)]
+    assert values and np.isfinite(values).all() and run.latest_checkpoint()["epoch"] == 2
     assert all(torch.isfinite(v).all() for v in read_lora_file(f"{run.uri}/{run.latest_checkpoint()['path']}").values())
 
 
