@@ -108,6 +108,10 @@ def trajectory_bytes_per_sample(config: Config) -> int | None:
     return (2 * steps + 1) * latent * value + steps * 4 + embeds * value + image * 4
 
 
+def _size(count: float) -> str:
+    return f"{count / GIB:.1f} GiB" if count >= GIB else f"{count / 2**20:.1f} MiB"
+
+
 def check_memory(config: Config, total_memory: int | None = None) -> None:
     """Refuse an epoch whose trajectories cannot fit this machine's memory, with the estimate. An epoch
     lives twice: in Ray's object store and in the learners' copies. Only for runs on this machine."""
@@ -126,7 +130,7 @@ def check_memory(config: Config, total_memory: int | None = None) -> None:
         raise ConfigError(
             f"sample.batch_size: an epoch of {config.samples_per_epoch} samples (sample.batch_size={sample.batch_size} "
             f"x sample.num_batches_per_epoch={sample.num_batches_per_epoch}, {sample.num_steps} steps) needs about "
-            f"{needed / GIB:.1f} GiB for its trajectories ({per_sample / 2**20:.2f} MiB each, held by the object "
-            f"store and the learners), but this machine has {total_memory / GIB:.1f} GiB; lower sample.batch_size, "
+            f"{_size(needed)} for its trajectories ({_size(per_sample)} each, held by the object store and the "
+            f"learners), but this machine has {_size(total_memory)}; lower sample.batch_size, "
             "sample.num_batches_per_epoch or sample.num_steps"
         )
