@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -98,7 +99,6 @@ def learner_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     from dense_rl import chaos
-
     from dense_rl.diffusion.sampler import Trajectories
     from dense_rl.lora import LORA_FILE, load_lora_state_dict, lora_state_dict, save_lora
     from dense_rl.loop import build_policy
@@ -174,12 +174,18 @@ def learner_loop(loop_config: dict) -> None:
         # Every rank reports (it is a barrier); only rank 0 attaches the checkpoint.
         if save and rank == 0:
             folder_name = f"epoch-{version:04d}"
-            with tempfile.TemporaryDirectory() as folder:
-                save_lora(pipe.unet, folder)
-                tensors, metadata = optimizer_to_tensors(optimizer)
-                RunDir(folder).write_tensors(OPTIMIZER_FILE, tensors, metadata)
-                ray.train.report(info, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                                 checkpoint_dir_name=folder_name)
+            # Written in place through RunDir (temporary name, then rename: no file is ever seen half
+            # written), then handed to Ray Train as a checkpoint it needs not copy.
+            folder = run.child(f"{loop_config['checkpoint_prefix']}/{folder_name}")
+            with tempfile.TemporaryDirectory() as scratch:
+                save_lora(pipe.unet, scratch)
+                folder.write_bytes(LORA_FILE, (Path(scratch) / LORA_FILE).read_bytes())
+            folder.write_tensors(OPTIMIZER_FILE, *optimizer_to_tensors(optimizer))
+            storage = ray.train.get_context().get_storage()
+            checkpoint_in_place = ray.train.Checkpoint(f"{storage.experiment_fs_path}/{folder_name}",
+                                                       filesystem=storage.storage_filesystem)
+            ray.train.report(info, checkpoint=checkpoint_in_place, checkpoint_dir_name=folder_name,
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
         else:
             ray.train.report(info)
         if rank == 0:
