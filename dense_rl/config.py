@@ -107,6 +107,11 @@ class ClusterConfig:
     learner_cpus: float = 1.0
     learner_gpus: float = 0.0  # per worker; > 0 trains on CUDA with NCCL
     max_policy_lag: int = 0  # 0: sync, exactly on-policy; >= 1: async, rollouts overlap the update
+    # Fault tolerance (docs/reliability.md): restarts of a dead rollout/reward actor, retries of a
+    # failed reward call before the run stops, and learner-group restarts (Ray Train FailureConfig).
+    actor_restarts: int = 3
+    reward_retries: int = 2
+    learner_failures: int = 2
     resource_wait_s: float = 60.0  # how long to wait for an autoscaler to add the CPUs/GPUs asked for
     # A custom Ray resource per role, e.g. "rollout" on nodes started with --resources='{"rollout": 4}':
     # each actor (or learner worker) of the role asks for one unit of it, so roles land on the nodes
@@ -328,6 +333,8 @@ def validate(config: Config) -> None:
     _require(train.batch_size % cluster.num_learner_workers == 0, "train.batch_size",
              f"{train.batch_size} is not divisible by cluster.num_learner_workers={cluster.num_learner_workers}; "
              "each learner takes an equal share of every optimizer step")
+    for name in ("actor_restarts", "reward_retries", "learner_failures"):
+        _require(getattr(cluster, name) >= 0, f"cluster.{name}", f"must be >= 0, got {getattr(cluster, name)}")
     _require(cluster.resource_wait_s >= 0, "cluster.resource_wait_s", f"must be >= 0, got {cluster.resource_wait_s}")
     _require(cluster.max_policy_lag >= 0, "cluster.max_policy_lag", f"must be >= 0 (0 = sync), got {cluster.max_policy_lag}")
     for role in ("rollout", "reward", "learner"):

@@ -6,6 +6,10 @@
 Sync mode (max_policy_lag = 0) is exactly on-policy. Async mode starts the next epoch's rollouts as
 soon as this epoch's batch is handed to the learner; a batch sampled more than `max_policy_lag`
 versions behind the learner is sampled again rather than trained on.
+
+Failures are handled in small helpers (dense_rl/recovery.py, the learner group), not in the loop: a
+lost rollout batch is issued again, a failed reward call retried, bad rewards dropped, a restarted
+learner group served its epoch again (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from dense_rl.advantages import compute_step_advantages
-from dense_rl.metrics import DriverMetrics
 from dense_rl.config import Config
+from dense_rl.metrics import DriverMetrics
 from dense_rl.prompts import choose_prompts, load_prompts
+from dense_rl.recovery import Recovery, RolloutBatch, finite_rewards
 from dense_rl.roles.learner import LearnerGroup
 from dense_rl.roles.reward import RewardWorker, ScoredBatch
 from dense_rl.roles.rollout import RolloutWorker
@@ -57,68 +62,81 @@ class Driver:
         self.state = state
         self.prompts = load_prompts(config.sample.prompts)
         cluster = config.cluster
+        # A dead actor restarts; its calls are not retried by Ray but re-issued by Recovery, which first
+        # gives a restarted rollout actor the newest weights.
+        restarts = dict(max_restarts=cluster.actor_restarts, max_task_retries=0)
         self.rollout_workers = [
             RolloutWorker.options(num_cpus=cluster.rollout_cpus, num_gpus=cluster.rollout_gpus,
-                                  resources=cluster.custom_resources("rollout")).remote(config, cluster.rollout_cpus)
+                                  resources=cluster.custom_resources("rollout"), **restarts
+                                  ).remote(config, cluster.rollout_cpus)
             for _ in range(cluster.num_rollout_workers)
         ]
         self.reward_workers = [
             RewardWorker.options(num_cpus=cluster.reward_cpus, num_gpus=cluster.reward_gpus,
-                                 resources=cluster.custom_resources("reward")).remote(config, cluster.reward_cpus)
+                                 resources=cluster.custom_resources("reward"), **restarts
+                                 ).remote(config, cluster.reward_cpus)
             for _ in range(cluster.num_reward_workers)
         ]
+        self.recovery = Recovery(self.rollout_workers, self.reward_workers, config, [r.name for r in config.rewards])
         if initial_weights is not None:  # resuming: rollouts start from the checkpoint's LoRA
-            weights = ray.put(initial_weights)
-            ray.get([w.set_weights.remote(state.epoch, [weights]) for w in self.rollout_workers])
+            self.recovery.set_weights(state.epoch, initial_weights)
+            version, weights = self.recovery.weights
+            ray.get([w.set_weights.remote(version, weights) for w in self.rollout_workers])
         self.learner = LearnerGroup(config, self.rollout_workers, recorder.run.uri, start_version=state.epoch,
                                     resume_from=resume_from)
-        self.metrics = DriverMetrics(config, self.rollout_workers)  # Prometheus, via Ray's metrics agent
+        self.prometheus = DriverMetrics(config, self.rollout_workers)  # Prometheus, via Ray's metrics agent
 
     # ------------------------------------------------------------------ one stage each
 
-    def sample(self, epoch: int) -> list[ray.ObjectRef]:
-        """prompts -> RolloutWorkers: one ObjectRef of Trajectories per batch, round-robin over workers."""
+    def sample(self, epoch: int) -> list[RolloutBatch]:
+        """prompts -> RolloutWorkers: one batch (an ObjectRef of Trajectories) per call, round-robin."""
         rng = np.random.default_rng([self.config.run.seed, epoch])
         sample = self.config.sample
-        refs = []
-        for batch in range(sample.num_batches_per_epoch):
+        batches = []
+        for index in range(sample.num_batches_per_epoch):
             prompts = choose_prompts(rng, self.prompts, sample.batch_size, sample.samples_per_prompt)
-            worker = self.rollout_workers[batch % len(self.rollout_workers)]
-            refs.append(worker.generate.remote(prompts, batch_seed(self.config.run.seed, epoch, batch)))
-        return refs
+            batch = RolloutBatch(epoch, index, prompts, batch_seed(self.config.run.seed, epoch, index),
+                                 worker=index % len(self.rollout_workers))
+            self.recovery.issue(batch)
+            batches.append(batch)
+        return batches
 
-    def score(self, trajectory_refs: list[ray.ObjectRef]) -> list[ScoredBatch]:
-        """Trajectories -> RewardWorkers: rewards and per-step credit weights (the heavy tensors stay put)."""
-        workers = self.reward_workers
-        score_refs = [workers[i % len(workers)].score.remote(ref) for i, ref in enumerate(trajectory_refs)]
-        self.metrics.wait_for_stages(trajectory_refs, score_refs)
-        return ray.get(score_refs)
+    def score(self, batches: list[RolloutBatch]) -> list[ScoredBatch]:
+        """Trajectories -> RewardWorkers: rewards and per-step credit weights (the heavy tensors stay put).
+        Lost rollout batches are issued again and failed reward calls retried (Recovery)."""
+        scored = self.recovery.score(batches, while_waiting=self.prometheus.count_stages)
+        self.prometheus.scoring_done()
+        return scored
 
-    def advantages(self, scored: list[ScoredBatch]) -> tuple[torch.Tensor, dict]:
+    def advantages(self, epoch: int, scored: list[ScoredBatch]) -> tuple[torch.Tensor, dict]:
         """Per-prompt normalisation of rewards, then of the shaped step rewards (both stages here,
-        because the trackers must see every sample of the epoch)."""
+        because the trackers must see every sample of the epoch). Samples with a NaN or infinite
+        reward get no advantage, so they add nothing to the update, and stay out of the statistics."""
         prompts = [p for batch in scored for p in batch.prompts]
         rewards = torch.cat([batch.scores.rewards for batch in scored])
         weights = None if scored[0].scores.step_weights is None else torch.cat([b.scores.step_weights for b in scored])
+        good = finite_rewards(rewards, epoch)
         credit = self.config.credit
-        return compute_step_advantages(
-            prompts, rewards, weights, credit_mode=credit.mode, num_steps=self.config.sample.num_steps,
-            reward_tracker=self.state.reward_tracker, step_tracker=self.state.step_tracker,
-            temporal_alpha=credit.temporal_alpha, adv_clip_max=self.config.train.adv_clip_max,
-            window_size=credit.window_size,
+        step_advantages, info = compute_step_advantages(
+            [p for p, ok in zip(prompts, good.tolist()) if ok], rewards[good],
+            None if weights is None else weights[good], credit_mode=credit.mode,
+            num_steps=self.config.sample.num_steps, reward_tracker=self.state.reward_tracker,
+            step_tracker=self.state.step_tracker, temporal_alpha=credit.temporal_alpha,
+            adv_clip_max=self.config.train.adv_clip_max, window_size=credit.window_size,
         )
+        every = torch.zeros(len(rewards), step_advantages.shape[1], dtype=step_advantages.dtype)
+        every[good] = step_advantages
+        return every, {**info, "bad_rewards": len(rewards) - int(good.sum())}
 
-    def refresh_stale(self, epoch: int, refs: list[ray.ObjectRef], scored: list[ScoredBatch]) -> list[ScoredBatch]:
-        """Async mode: sample again any batch more than max_policy_lag versions behind the learner.
-        (The learner waits until every worker holds its newest weights, so the new batch is current.)"""
+    def refresh_stale(self, epoch: int, batches: list[RolloutBatch], scored: list[ScoredBatch]) -> list[ScoredBatch]:
+        """Sample again any batch more than max_policy_lag versions behind the learner: in async mode
+        an old one, in either mode one from a rollout actor that restarted with its initial weights."""
         max_lag = self.config.cluster.max_policy_lag
         for i, batch in enumerate(scored):
             lag = epoch - batch.policy_version
             if lag > max_lag:
-                log.warning("batch %d of epoch %d is %d versions old (bound %d); sampling it again", i, epoch, lag, max_lag)
-                worker = self.rollout_workers[i % len(self.rollout_workers)]
-                refs[i] = worker.generate.remote(batch.prompts, batch_seed(self.config.run.seed, epoch, i))
-                scored[i] = self.score([refs[i]])[0]
+                self.recovery.reissue(batches[i], f"{lag} versions old (bound {max_lag})")
+                scored[i] = self.score([batches[i]])[0]
         return scored
 
     # ------------------------------------------------------------------ the loop
@@ -133,20 +151,20 @@ class Driver:
         try:
             for epoch in range(state.epoch, config.run.num_epochs):
                 started = time.perf_counter()
-                self.metrics.epoch_started()
-                trajectory_refs = pending
-                scored = self.score(trajectory_refs)
-                self.metrics.batches_arrived(epoch, scored)
+                self.prometheus.epoch_started()
+                batches = pending
+                scored = self.score(batches)
+                self.prometheus.batches_arrived(epoch, scored, [batch.worker for batch in batches])
                 sampled_and_scored = time.perf_counter()
-                if asynchronous:
-                    scored = self.refresh_stale(epoch, trajectory_refs, scored)
-                step_advantages, advantage_info = self.advantages(scored)
-                self.learner.submit(epoch, trajectory_refs, step_advantages)
-                self.metrics.submitted(len(trajectory_refs))
+                scored = self.refresh_stale(epoch, batches, scored)
+                step_advantages, advantage_info = self.advantages(epoch, scored)
+                self.learner.submit(epoch, [batch.ref for batch in batches], step_advantages)
+                self.prometheus.submitted(len(batches))
                 pending = None
                 if asynchronous and epoch + 1 < config.run.num_epochs:
                     pending = self.sample(epoch + 1)  # overlaps the learner's update
                 result = self.learner.wait(epoch)
+                self.recovery.set_weights(result.version, result.weights[0])
                 if not asynchronous and epoch + 1 < config.run.num_epochs:
                     pending = self.sample(epoch + 1)
                 learned = time.perf_counter()
@@ -158,7 +176,7 @@ class Driver:
                     timings={"sample_and_score": sampled_and_scored - started, "learn_and_sync": learned - sampled_and_scored},
                 )
                 state.history.append(metrics)
-                self.metrics.epoch_finished(epoch, scored, result.metrics)
+                self.prometheus.epoch_finished(epoch, scored, result.metrics)
                 self.recorder.record_epoch(epoch, state, scored, metrics, checkpoint=result.checkpoint)
                 bar.update(1)
                 bar.set_postfix(samples=state.samples_seen, reward=f"{metrics['reward_mean']:.3f}",
@@ -169,4 +187,6 @@ class Driver:
         finally:
             bar.close()
             self.learner.close()
+            for actor in self.rollout_workers + self.reward_workers:  # a Ray session shared with others keeps going
+                ray.kill(actor)
         return state.history

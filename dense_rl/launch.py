@@ -22,8 +22,16 @@ from dense_rl.config import Config, ConfigError, load_config
 log = logging.getLogger("dense_rl")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as the one line every other input error is (`error: <what>; <fix>`, status 2)."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see python -m dense_rl.launch --help", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dense_rl.launch", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m dense_rl.launch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML preset, e.g. configs/tiny.yaml (default: built-in tiny defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value; repeatable")
@@ -67,6 +75,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str]:
 
 def preflight(config: Config, run_uri: str, resuming: bool) -> None:
     """Checks that need files but no models: run before any actor starts."""
+    from dense_rl.checks import check_lora_file, check_memory
     from dense_rl.prompts import load_prompts
     from dense_rl.run_dir import RunDir
 
@@ -76,6 +85,9 @@ def preflight(config: Config, run_uri: str, resuming: bool) -> None:
         raise ConfigError(str(error)) from None
     if config.lora.init_from and not os.path.exists(config.lora.init_from):
         raise ConfigError(f"lora.init_from: {config.lora.init_from!r} does not exist; give a LoRA .safetensors file or folder")
+    if config.lora.init_from:
+        check_lora_file(config)
+    check_memory(config)
     run = RunDir(run_uri)
     if not resuming and run.latest_checkpoint() is not None:
         raise ConfigError(
@@ -92,6 +104,8 @@ def start_ray(config: Config, verbose: bool = False) -> None:
     else start a private one here. `cluster.address: local` always starts a private one."""
     import ray
 
+    if ray.is_initialized():  # a caller (a notebook, a test) brought its own session
+        return
     # Actor and worker output goes to Ray's log files (/tmp/ray/session_latest/logs) unless --verbose;
     # errors still reach the driver as exceptions.
     options = dict(logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose)
@@ -149,6 +163,7 @@ def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verb
     recorder = RunRecorder(run, config)
     state, weights, checkpoint = load_resume_point(run, config)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one noisy line per run, no use locally
+    own_session = not ray.is_initialized()
     start_ray(config, verbose)
     try:
         wait_for_resources(config)  # before anything is written: a run that cannot be placed leaves no trace
@@ -167,7 +182,8 @@ def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verb
         tracker.finish("finished")
         return history
     finally:
-        ray.shutdown()
+        if own_session:
+            ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,11 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"in-process run done: reward {history[0]['reward_mean']:.4f} -> {history[-1]['reward_mean']:.4f}")
         return 0
 
+    from dense_rl.recovery import RunFailed
+
     try:
         history = run_system(config, run_uri, show_progress=not args.quiet, verbose=args.verbose)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RunFailed as error:  # checkpoints already written stay; the run continues from the newest
+        print(f"error: {error}; the run's checkpoints are kept: fix this, then --resume {run_uri}", file=sys.stderr)
+        return 1
     if history:
         first, last = history[0], history[-1]
         print(f"done: {run_uri}  reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f} "

@@ -209,27 +209,24 @@ class DriverMetrics:
     def epoch_started(self) -> None:
         self.epoch_started_at = self.sampled_at = self.scored_at = time.perf_counter()
 
-    def wait_for_stages(self, trajectory_refs: list, score_refs: list, poll_seconds: float = 0.5) -> None:
-        """Block until every score is back, counting the batches in each stage as they move."""
-        pending = list(score_refs)
-        while True:
-            # fetch_local=False: readiness only; trajectories stay in the object store.
-            sampled, _ = ray.wait(trajectory_refs, num_returns=len(trajectory_refs), timeout=0, fetch_local=False)
-            scored = len(score_refs) - len(pending)
-            if len(sampled) == len(trajectory_refs) and self.sampled_at < self.epoch_started_at + 1e-9:
-                self.sampled_at = time.perf_counter()
-            self._waiting(len(trajectory_refs) - len(sampled), len(sampled) - scored, 0)
-            if not pending:
-                break
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_seconds, fetch_local=False)
+    def count_stages(self, trajectory_refs: list, num_scored: int) -> None:
+        """Batches in each stage, counted while the driver waits for an epoch's scores."""
+        # fetch_local=False: readiness only; trajectories stay in the object store.
+        sampled, _ = ray.wait(trajectory_refs, num_returns=len(trajectory_refs), timeout=0, fetch_local=False)
+        if len(sampled) == len(trajectory_refs) and self.sampled_at <= self.epoch_started_at:
+            self.sampled_at = time.perf_counter()
+        self._waiting(len(trajectory_refs) - len(sampled), max(0, len(sampled) - num_scored), 0)
+
+    def scoring_done(self) -> None:
         self.scored_at = time.perf_counter()
         self.sampled_at = max(self.sampled_at, self.epoch_started_at)
 
-    def batches_arrived(self, epoch: int, scored: list) -> None:
-        """Policy lag of each rollout actor's batches as they reached the driver (before any resampling)."""
+    def batches_arrived(self, epoch: int, scored: list, workers: list[int]) -> None:
+        """Policy lag of each rollout actor's batches as they reached the driver (before any resampling);
+        `workers[i]` is the index of the rollout actor that sampled batch i."""
         lags: dict[str, int] = {}
-        for i, batch in enumerate(scored):
-            actor = self.rollout_labels[i % len(self.rollout_labels)]
+        for batch, worker in zip(scored, workers):
+            actor = self.rollout_labels[worker]
             lags[actor] = max(lags.get(actor, 0), epoch - batch.policy_version)
         for actor, lag in lags.items():
             _set("dense_rl_policy_lag", lag, _tags("rollout", actor))

@@ -24,7 +24,10 @@ class RunRecorder:
     def epoch_metrics(self, epoch, state, scored, advantage_info, learner_metrics, timings) -> dict:
         import torch
 
-        rewards = torch.cat([b.scores.rewards for b in scored])
+        every = torch.cat([b.scores.rewards for b in scored])
+        rewards = every[torch.isfinite(every)]  # NaN/inf ones were dropped from the update (bad_rewards)
+        advantage_info = dict(advantage_info)
+        bad_rewards = int(advantage_info.pop("bad_rewards", 0))
         epoch_seconds = sum(timings.values())
         metrics = {
             "epoch": epoch,
@@ -34,15 +37,17 @@ class RunRecorder:
             "reward_std": float(rewards.std()),
             "reward_min": float(rewards.min()),
             "reward_max": float(rewards.max()),
+            "bad_rewards": bad_rewards,
             "credit_fallbacks": sum(b.scores.num_fallbacks for b in scored),
             "epoch_seconds": epoch_seconds,
-            "samples_per_second": len(rewards) / max(epoch_seconds, 1e-9),
+            "samples_per_second": len(every) / max(epoch_seconds, 1e-9),
             **{f"seconds_{k}": v for k, v in timings.items()},
             **{f"adv_{k}" if not k.startswith("adv") else k: float(v) for k, v in advantage_info.items()},
             **{f"learner_{k}": float(v) for k, v in learner_metrics.items()},
         }
         for name in scored[0].scores.components:
-            metrics[f"reward_{name}"] = float(torch.cat([b.scores.components[name] for b in scored]).mean())
+            values = torch.cat([b.scores.components[name] for b in scored])
+            metrics[f"reward_{name}"] = float(values[torch.isfinite(values)].mean())
         return metrics
 
     @staticmethod
@@ -51,6 +56,7 @@ class RunRecorder:
             f"epoch {metrics['epoch']:4d}  samples {metrics['samples_seen']:6d}  reward {metrics['reward_mean']:+.4f} "
             f"± {metrics['reward_std']:.4f}  kl {metrics.get('learner_approx_kl', 0.0):.2e}  "
             f"clipfrac {metrics.get('learner_clipfrac', 0.0):.3f}  {metrics['samples_per_second']:.2f} samples/s"
+            + (f"  bad_rewards {metrics['bad_rewards']}" if metrics.get("bad_rewards") else "")
         )
 
     def record_epoch(self, epoch: int, state, scored, metrics: dict, checkpoint: str | None) -> None:

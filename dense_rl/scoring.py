@@ -21,7 +21,7 @@ class Scores:
 
 
 def score_trajectories(rewards: WeightedRewards, trajectories: Trajectories, credit: CreditConfig) -> Scores:
-    total, components = rewards(trajectories.images, trajectories.prompts)
+    total, components = rewards(trajectories.images, trajectories.prompts, version=trajectories.policy_version)
     step_weights, num_fallbacks = step_weights_for(
         credit.mode, trajectories.x0_preds, trajectories.final_samples, credit.window_size
     )

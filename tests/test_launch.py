@@ -1,5 +1,6 @@
 """`python -m dense_rl.launch` refuses bad input with one line, before Ray or any model is loaded."""
 
+import json
 import subprocess
 import sys
 
@@ -64,3 +65,93 @@ def test_existing_run_must_be_resumed(tmp_path):
     (run / "latest.json").write_text('{"epoch": 1, "path": "checkpoints/epoch-0001"}')
     result = launch("--set", f"run.output_dir={tmp_path}", "--set", "run.name=taken")
     assert result.returncode == 2 and f"--resume {run}" in result.stderr
+
+
+# One interpreter runs every case below (one subprocess each would cost seconds apiece): each must
+# print one line naming the field, return non-zero, and leave Ray and the model libraries unimported.
+PROBE_MANY = (
+    "import contextlib, io, json, sys\n"
+    "from dense_rl.launch import main\n"
+    "results = []\n"
+    "for argv in json.loads(sys.argv[1]):\n"
+    "    err = io.StringIO()\n"
+    "    with contextlib.redirect_stderr(err):\n"
+    "        try:\n"
+    "            code = main(argv)\n"
+    "        except SystemExit as exit:\n"
+    "            code = exit.code\n"
+    "    results.append([code, err.getvalue()])\n"
+    "assert 'ray' not in sys.modules, 'ray was imported before the input was checked'\n"
+    "assert 'diffusers' not in sys.modules, 'a model library was imported before the input was checked'\n"
+    "print(json.dumps(results))\n"
+)
+
+
+def lora_file(path, rank=8, text_width=64, module="to_k", suffix=".safetensors"):
+    """A diffusers-format LoRA file (the names dense_rl.lora.save_lora writes) of a given shape."""
+    from safetensors.torch import save_file
+
+    import torch
+
+    name = f"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.{module}.lora"
+    path = path.with_suffix(suffix)
+    save_file({f"{name}.down.weight": torch.zeros(rank, text_width), f"{name}.up.weight": torch.zeros(64, rank)}, str(path))
+    return str(path)
+
+
+def test_twenty_more_bad_inputs_each_exit_before_ray(tmp_path):
+    def write(name, data: bytes):
+        path = tmp_path / name
+        path.write_bytes(data)
+        return str(path)
+
+    cases = [
+        (["--set", "sample.num_steps=-5"], "error: sample.num_steps: must be >= 1, got -5"),
+        (["--set", "sample.batch_size=-8"], "error: sample.batch_size: must be >= 1, got -8"),
+        (["--set", "lora.rank=0"], "error: lora.rank: must be >= 1"),
+        (["--set", "sample.guidance_scale=0.5"], "error: sample.guidance_scale: must be >= 1 (1 disables classifier-free"),
+        (["--set", "run.num_epochs=0"], "error: run.num_epochs: must be >= 1"),
+        (["--set", "cluster.rollout_cpus=-1"], "error: cluster.rollout_cpus: must be >= 0"),
+        (["--set", "cluster.reward_retries=-1"], "error: cluster.reward_retries: must be >= 0"),
+        (["--set", "credit.min_count=100"], "error: credit.min_count: must be between 0 and credit.buffer_size=32"),
+        (["--set", "rewards=[]"], "error: rewards: configure at least one reward"),
+        (["--set", "train.timestep_fraction=0"], "error: train.timestep_fraction: must be in (0, 1]"),
+        (["--set", "run.name=a/b"], "error: run.name: 'a/b' must be a name, not a path"),
+        (["--epochs", "3"], "error: unrecognized arguments: --epochs 3; see python -m dense_rl.launch --help"),
+        (["--config", "configs/tiny.yaml", "--resume", str(tmp_path)], "error: --config: not allowed with --resume"),
+        (["--resume", str(tmp_path / "no-such-run")], f"error: --resume: {tmp_path / 'no-such-run'} is not a dense_rl run"),
+        (["--config", write("sections.yaml", b"trainer: {lr: 1}\n")], "error: trainer: unknown key"),
+        (["--config", write("latin1.yaml", "run: {name: caf\xe9}\n".encode("latin-1"))], "error: --config:"),
+        (["--set", "sample.prompts=" + write("empty.json", b"[]")], "error: sample.prompts: " + str(tmp_path / "empty.json")),
+        (["--set", "sample.prompts=" + write("dict.json", b'{"a": 1}')], "error: sample.prompts: " + str(tmp_path / "dict.json")),
+        (["--set", "sample.prompts=" + write("broken.json", b'["a",')], "error: sample.prompts: " + str(tmp_path / "broken.json")),
+        (["--set", f"lora.init_from={lora_file(tmp_path / 'rank4', rank=4)}"],
+         "error: lora.init_from: rank4.safetensors has LoRA rank 4"),
+        (["--set", f"lora.init_from={lora_file(tmp_path / 'sd15', text_width=768)}"],
+         "error: lora.init_from: sd15.safetensors was made for another model: "),
+        (["--set", f"lora.init_from={lora_file(tmp_path / 'ff', module='ff.net.2')}"],
+         "error: lora.init_from: ff.safetensors adapts "),
+        (["--set", f"lora.init_from={write('lora.bin', b'pickle')}"], "error: lora.init_from: lora.bin is not a .safetensors file"),
+        (["--set", f"lora.init_from={write('junk.safetensors', b'not a safetensors file')}"],
+         "error: lora.init_from: "),
+        (["--set", "sample.batch_size=4000000"], "error: sample.batch_size: an epoch of 8000000 samples"),
+    ]
+    result = subprocess.run([sys.executable, "-c", PROBE_MANY, json.dumps([argv for argv, _ in cases])],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for (argv, message), (code, stderr) in zip(cases, json.loads(result.stdout.splitlines()[-1])):
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(message), (argv, code, stderr)
+    assert len({message for _, message in cases}) == len(cases) >= 20  # each a different input and message
+
+
+def test_lora_file_check_accepts_what_save_lora_writes(tmp_path):
+    from dense_rl.checks import check_lora_file
+    from dense_rl.config import load_config
+    from dense_rl.lora import save_lora
+    from dense_rl.loop import build_policy
+
+    config = load_config()
+    pipe, _ = build_policy(config)
+    save_lora(pipe.unet, tmp_path)
+    check_lora_file(load_config(overrides=[f"lora.init_from={tmp_path}"]))

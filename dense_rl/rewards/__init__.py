@@ -53,9 +53,36 @@ class WeightedRewards:
         self.weights = {spec.name: spec.weight for spec in specs}
         self.rewards = {spec.name: build_reward(spec.name, spec.path, device, spec.dtype) for spec in specs}
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        components = {
-            name: torch.as_tensor(reward(images, prompts)).float().cpu() for name, reward in self.rewards.items()
-        }
+    def __call__(self, images: torch.Tensor, prompts: list[str], version: int | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`version` (the policy version of the batch) only places injected faults (dense_rl.chaos)."""
+        from dense_rl import chaos
+
+        components = {}
+        for name, reward in self.rewards.items():
+            try:
+                chaos.strike("reward", version, name=name)
+                components[name] = torch.as_tensor(reward(images, prompts)).float().cpu()
+            except Exception as error:  # named here, so the run's error says which reward failed
+                raise RewardFailed(name, error) from error
         total = sum(self.weights[name] * value for name, value in components.items())
         return total, components
+
+
+class RewardFailed(RuntimeError):
+    """A reward model raised; the message names the reward and the cause."""
+
+    def __init__(self, name: str, cause: BaseException):
+        super().__init__(f"reward {name!r} raised {type(cause).__name__}: {cause}")
+        self.name = name
+        self.cause_text = f"{type(cause).__name__}: {cause}"
+
+    def __reduce__(self):  # picklable across Ray processes with the same message
+        return _rebuild_reward_failed, (self.name, self.cause_text)
+
+
+def _rebuild_reward_failed(name: str, cause_text: str) -> "RewardFailed":
+    error = RewardFailed.__new__(RewardFailed)
+    RuntimeError.__init__(error, f"reward {name!r} raised {cause_text}")
+    error.name, error.cause_text = name, cause_text
+    return error

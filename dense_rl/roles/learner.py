@@ -5,15 +5,23 @@ The driver hands each rank its share of an epoch through a per-rank queue. After
 publishes the new LoRA state once (`ray.put`) to every RolloutWorker, saves a checkpoint through
 `ray.train.report` straight into the run directory, and tells the driver. `trainer.fit()` blocks, so
 it runs in a background thread of the driver.
+
+A learner worker that dies makes Ray Train (FailureConfig) restart the whole group from its last
+checkpoint. The new group announces the version it restored (LearnerStarted) and publishes those
+weights to the rollouts; the driver then serves the epoch the dead group had taken once more. Work
+carries the checkpoint of the version it starts from, so a group that restored an older one catches
+up, and one that restored a newer one (it died after saving) only says so again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +31,7 @@ from dense_rl.config import Config
 from dense_rl.run_dir import CHECKPOINTS
 
 OPTIMIZER_FILE = "optimizer.safetensors"
+log = logging.getLogger("dense_rl")
 
 
 @dataclass
@@ -30,6 +39,53 @@ class LearnerResult:
     version: int
     metrics: dict
     checkpoint: str | None  # the checkpoint folder, relative to the run directory, when one was saved
+    weights: list | None = None  # [ObjectRef] of the LoRA state of `version`, as published
+
+
+@dataclass
+class LearnerStarted:
+    """Rank 0 of a (re)started group: the policy version its weights hold."""
+
+    version: int
+    restored: bool  # from Ray Train's checkpoint, i.e. this is a restart after a failure
+
+
+@dataclass
+class Work:
+    epoch: int
+    pieces: list  # (ObjectRef of Trajectories, row slice)
+    step_advantages: torch.Tensor
+    start_checkpoint: str | None  # the checkpoint of version `epoch`, for a group that is not there
+
+
+def checkpoint_version(path: str) -> int:
+    """epoch-000k -> k (the folder names this module gives its checkpoints)."""
+    return int(path.rstrip("/").rsplit("/", 1)[-1].removeprefix("epoch-"))
+
+
+def next_work(inbox: Queue):
+    # Short polls: a get left waiting by a worker that died must not outlive it and swallow the item
+    # meant for its successor.
+    while True:
+        try:
+            return inbox.get(block=True, timeout=2.0)
+        except Empty:
+            continue
+
+
+def publish(version: int, state: dict, rollout_workers: list) -> list:
+    """ray.put once, set on every RolloutWorker and wait, so the next epoch samples on-policy. A dead
+    rollout actor is skipped: the driver hands it the newest weights when it is back."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    weights = ray.put(state)
+    for call in [worker.set_weights.remote(version, [weights]) for worker in rollout_workers]:
+        try:
+            ray.get(call)
+        except RayActorError:
+            pass
+    return [weights]
 
 
 def update_seed(seed: int, epoch: int, rank: int) -> int:
@@ -42,7 +98,7 @@ def learner_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from dense_rl import metrics
+    from dense_rl import chaos, metrics
     from dense_rl.diffusion.sampler import Trajectories
     from dense_rl.lora import LORA_FILE, load_lora_state_dict, lora_state_dict, save_lora
     from dense_rl.loop import build_policy
@@ -67,12 +123,15 @@ def learner_loop(loop_config: dict) -> None:
         load_lora_state_dict(pipe.unet, read_lora_bytes(folder, LORA_FILE))
         optimizer.load_state_dict(optimizer_from_tensors(*folder.read_tensors_and_metadata(OPTIMIZER_FILE)))
 
+    version, saved = loop_config["start_version"], loop_config["resume_from"]
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if checkpoint is not None:  # a restart after a failure (FailureConfig)
         with checkpoint.as_directory() as folder:
             restore(RunDir(folder))
-    elif loop_config["resume_from"] is not None:
-        restore(run.child(loop_config["resume_from"]))
+        version = checkpoint_version(checkpoint.path)
+        saved = f"{loop_config['checkpoint_prefix']}/epoch-{version:04d}"
+    elif saved is not None:
+        restore(run.child(saved))
 
     unet = ray.train.torch.prepare_model(pipe.unet, parallel_strategy_kwargs={"find_unused_parameters": False}) \
         if world_size > 1 else pipe.unet
@@ -80,12 +139,28 @@ def learner_loop(loop_config: dict) -> None:
     inbox: Queue = loop_config["inboxes"][rank]
     outbox: Queue = loop_config["outbox"]
     rollout_workers = loop_config["rollout_workers"]
+    if rank == 0:
+        if checkpoint is not None:  # the rollouts get the restored weights
+            publish(version, lora_state_dict(pipe.unet), rollout_workers)
+        outbox.put(LearnerStarted(version, restored=checkpoint is not None))
 
     while True:
-        work = inbox.get(block=True)
+        work: Work | None = next_work(inbox)
         if work is None:
             return
-        epoch, pieces, step_advantages = work
+        epoch, pieces, step_advantages = work.epoch, work.pieces, work.step_advantages
+        if epoch < version:  # served again, but this group restored it already done: say so again
+            if rank == 0 and epoch == version - 1:
+                weights = publish(version, lora_state_dict(pipe.unet), rollout_workers)
+                outbox.put(LearnerResult(version, {}, saved if saved and checkpoint_version(saved) == version else None,
+                                         weights))
+            continue
+        if epoch > version:  # restored an older checkpoint than the epoch needs: start from the newer one
+            if work.start_checkpoint is None:
+                raise RuntimeError(f"the learner holds version {version} but epoch {epoch} needs its own; "
+                                   "no checkpoint of it (run.save_every > 1): resume the run with --resume")
+            restore(run.child(work.start_checkpoint))
+            version = epoch
         trajectories = Trajectories.concat([ray.get(ref).select(rows) for ref, rows in pieces])
         started = time.perf_counter()
         info = ppo_update(
@@ -95,30 +170,37 @@ def learner_loop(loop_config: dict) -> None:
         )
         info["step_seconds"] = time.perf_counter() - started
         metrics.record_learner_update(rank, info, info["step_seconds"])
+        chaos.strike("learner", epoch, rank=rank)  # tests: a worker dies with the epoch taken, not finished
         version = epoch + 1
         save = version % config.run.save_every == 0 or version == config.run.num_epochs
+        weights = None
         if rank == 0:
-            # Publish once; wait until every worker holds it so the next epoch samples on-policy.
             started, state = time.perf_counter(), lora_state_dict(pipe.unet)
-            weights = ray.put(state)
-            ray.get([worker.set_weights.remote(version, [weights]) for worker in rollout_workers])
+            weights = publish(version, state, rollout_workers)
             info["broadcast_seconds"] = time.perf_counter() - started
             metrics.record_weight_broadcast(rank, version, info["broadcast_seconds"],
                                             sum(t.numel() * t.element_size() for t in state.values()))
         # Every rank reports (it is a barrier); only rank 0 attaches the checkpoint.
         if save and rank == 0:
             folder_name = f"epoch-{version:04d}"
-            with tempfile.TemporaryDirectory() as folder:
-                save_lora(pipe.unet, folder)
-                tensors, metadata = optimizer_to_tensors(optimizer)
-                RunDir(folder).write_tensors(OPTIMIZER_FILE, tensors, metadata)
-                ray.train.report(info, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                                 checkpoint_dir_name=folder_name)
+            # Written in place through RunDir (temporary name, then rename: no file is ever seen half
+            # written), then handed to Ray Train as a checkpoint it needs not copy.
+            folder = run.child(f"{loop_config['checkpoint_prefix']}/{folder_name}")
+            with tempfile.TemporaryDirectory() as scratch:
+                save_lora(pipe.unet, scratch)
+                folder.write_bytes(LORA_FILE, (Path(scratch) / LORA_FILE).read_bytes())
+            folder.write_tensors(OPTIMIZER_FILE, *optimizer_to_tensors(optimizer))
+            storage = ray.train.get_context().get_storage()
+            checkpoint_in_place = ray.train.Checkpoint(f"{storage.experiment_fs_path}/{folder_name}",
+                                                       filesystem=storage.storage_filesystem)
+            ray.train.report(info, checkpoint=checkpoint_in_place, checkpoint_dir_name=folder_name,
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
         else:
             ray.train.report(info)
         if rank == 0:
-            saved = f"{loop_config['checkpoint_prefix']}/epoch-{version:04d}" if save else None
-            outbox.put(LearnerResult(version, info, saved))
+            if save:
+                saved = f"{loop_config['checkpoint_prefix']}/epoch-{version:04d}"
+            outbox.put(LearnerResult(version, info, saved if save else None, weights))
 
 
 class LearnerGroup:
@@ -143,18 +225,22 @@ class LearnerGroup:
             learner_loop,
             train_loop_config={
                 "config": config, "inboxes": self.inboxes, "outbox": self.outbox,
-                "rollout_workers": rollout_workers, "run_uri": run_uri, "resume_from": resume_from, "checkpoint_prefix": f"{CHECKPOINTS}/{fit_name}",
+                "rollout_workers": rollout_workers, "run_uri": run_uri, "resume_from": resume_from,
+                "start_version": start_version, "checkpoint_prefix": f"{CHECKPOINTS}/{fit_name}",
             },
             scaling_config=ScalingConfig(
                 num_workers=self.num_workers, use_gpu=cluster.learner_gpus > 0, resources_per_worker=resources
             ),
             run_config=RunConfig(
                 name=fit_name, storage_path=f"{run_uri.rstrip('/')}/{CHECKPOINTS}",
-                failure_config=FailureConfig(max_failures=2),
+                failure_config=FailureConfig(max_failures=cluster.learner_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=None),
             ),
         )
         self.error: BaseException | None = None
+        self.starts = 0
+        self.served: list[Work] | None = None  # the epoch the group holds now, to serve again after a restart
+        self.start_point = (start_version, resume_from)  # the newest checkpoint: (version, folder)
         self.thread = threading.Thread(target=self._fit, name="learner-fit", daemon=True)
         self.thread.start()
 
@@ -166,6 +252,9 @@ class LearnerGroup:
 
     def submit(self, epoch: int, trajectory_refs: list, step_advantages: torch.Tensor) -> None:
         """Split the epoch's rows evenly across ranks, as (ObjectRef, row slice) pieces."""
+        version, folder = self.start_point
+        start_checkpoint = folder if version == epoch else None
+        self.served = []
         total = step_advantages.shape[0]
         batch_size = total // len(trajectory_refs)  # every rollout batch has the same size
         share = total // self.num_workers
@@ -177,20 +266,38 @@ class LearnerGroup:
                 lo, hi = max(start, first), min(stop, first + batch_size)
                 if lo < hi:
                     pieces.append((ref, slice(lo - first, hi - first)))
-            self.inboxes[rank].put((epoch, pieces, step_advantages[start:stop].clone()))
+            self.served.append(Work(epoch, pieces, step_advantages[start:stop].clone(), start_checkpoint))
+        self._serve()
+
+    def _serve(self) -> None:
+        for inbox, work in zip(self.inboxes, self.served):
+            inbox.put(work)
+
+    def _started(self, message: LearnerStarted, epoch: int) -> None:
+        self.starts += 1
+        if self.starts == 1 and not message.restored:
+            return
+        log.warning("learner group restarted from its checkpoint of version %d (Ray Train FailureConfig); "
+                    "serving epoch %d to it again", message.version, epoch)
+        if self.served is not None and self.served[0].epoch == epoch:
+            self._serve()
 
     def wait(self, epoch: int, poll_seconds: float = 1.0) -> LearnerResult:
         while True:
             if self.error is not None:
                 raise RuntimeError(f"the learner group failed: {self.error}") from self.error
             try:
-                result: LearnerResult = self.outbox.get(block=True, timeout=poll_seconds)
+                message = self.outbox.get(block=True, timeout=poll_seconds)
             except Empty:
                 if not self.thread.is_alive() and self.error is None:
                     raise RuntimeError("the learner group stopped before finishing the epoch")
                 continue
-            if result.version == epoch + 1:
-                return result
+            if isinstance(message, LearnerStarted):
+                self._started(message, epoch)
+            elif message.version == epoch + 1:  # older versions: answers to an epoch served twice
+                if message.checkpoint is not None:
+                    self.start_point = (message.version, message.checkpoint)
+                return message
 
     def close(self) -> None:
         for inbox in self.inboxes:

@@ -37,8 +37,19 @@ class RewardWorker:
         self.preview_count = preview_count
 
     def score(self, trajectories: Trajectories) -> ScoredBatch:
+        from dense_rl import chaos
+
         started = time.perf_counter()
         scores = score_trajectories(self.rewards, trajectories, self.credit)
         metrics.record_scoring(time.perf_counter() - started)
+        fault = chaos.strike("reward_values", trajectories.policy_version)
+        if fault is not None and fault["action"] == "nan":  # a reward model gone numerically bad
+            rows = fault.get("rows", list(range(len(trajectories.prompts))))
+            scores.rewards[rows] = torch.tensor([(float("nan"), float("inf"))[i % 2] for i in range(len(rows))])
         preview = (trajectories.images[: self.preview_count] * 255).round().to(torch.uint8)
         return ScoredBatch(trajectories.prompts, trajectories.policy_version, scores, preview)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()

@@ -41,6 +41,9 @@ class RolloutWorker:
 
     def generate(self, prompts: list[str], seed: int) -> Trajectories:
         """One batch; the seed, not the worker, decides the noise, so any worker gives the same batch."""
+        from dense_rl import chaos
+
+        chaos.strike("rollout", self.version)
         sample = self.config.sample
         started = time.perf_counter()
         trajectories = sample_trajectories(
@@ -50,6 +53,11 @@ class RolloutWorker:
         )
         metrics.record_rollout_batch(len(prompts), sample.num_steps, time.perf_counter() - started)
         return trajectories
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     def weights(self) -> tuple[int, dict]:
         """(version, LoRA state): lets tests and the driver check what this worker samples with."""

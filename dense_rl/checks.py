@@ -1,0 +1,136 @@
+"""Input checks that read files but load no model and start nothing (launch's preflight): a LoRA file
+that cannot fit the adapter, and an epoch too large for this machine's memory.
+
+Only JSON headers and config files are read; no torch, diffusers or Ray import happens here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+from dense_rl.config import Config, ConfigError
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name dense_rl.lora saves (and diffusers loads)
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+GIB = 1024**3
+
+
+def safetensors_header(path: Path, field: str) -> dict:
+    """The tensor table of a .safetensors file (names -> dtype, shape), read without loading it."""
+    try:
+        with open(path, "rb") as file:
+            (size,) = struct.unpack("<Q", file.read(8))
+            if size > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(file.read(size))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError):
+        raise ConfigError(f"{field}: {path} is not a readable .safetensors file; save the LoRA with "
+                          "dense_rl or diffusers' save_lora_weights") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def check_lora_file(config: Config) -> None:
+    """lora.init_from must be a diffusers-format LoRA safetensors of this config's rank and modules
+    (and, when the model's config is on disk, of its cross-attention width). Pickles are refused."""
+    field, lora = "lora.init_from", config.lora
+    path = Path(lora.init_from)
+    if path.is_dir():
+        path = path / LORA_FILE
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"{field}: {path.name} is not a .safetensors file; pickled weights (.bin, .pt) are "
+                          "never loaded: convert it to safetensors")
+    if not path.is_file():
+        raise ConfigError(f"{field}: {path} does not exist; give a LoRA .safetensors file or a folder holding {LORA_FILE}")
+    tensors = {k: v for k, v in safetensors_header(path, field).items() if k.startswith("unet.")}
+    if not tensors:
+        raise ConfigError(f"{field}: {path} holds no UNet LoRA weights (keys starting 'unet.'); is it a LoRA file?")
+    cross_width = _unet_config(config).get("cross_attention_dim")
+    for name, info in sorted(tensors.items()):
+        shape = info.get("shape", [])
+        down = ".lora.down." in name or ".lora_A." in name
+        module = name.split(".lora")[0]
+        if not any(module.endswith("." + target) for target in lora.target_modules):
+            raise ConfigError(f"{field}: {path.name} adapts {module.removeprefix('unet.')!r}, which is not in "
+                              f"lora.target_modules={lora.target_modules}; set lora.target_modules to match the file")
+        if len(shape) != 2:
+            raise ConfigError(f"{field}: tensor {name!r} has shape {shape}; LoRA matrices are 2-D")
+        rank = shape[0] if down else shape[1]
+        if rank != lora.rank:
+            raise ConfigError(f"{field}: {path.name} has LoRA rank {rank} ({name!r} is {shape}) but lora.rank="
+                              f"{lora.rank}; set lora.rank={rank}")
+        if down and cross_width and ".attn2.to_k" in module and shape[1] != cross_width:
+            raise ConfigError(f"{field}: {path.name} was made for another model: {name!r} takes {shape[1]} text "
+                              f"features, {config.model.pretrained} has {cross_width}; use a LoRA of this model")
+
+
+def _model_folder(config: Config) -> Path | None:
+    name = config.model.pretrained
+    if name.startswith("embedded:"):
+        return Path(__file__).resolve().parent / "assets" / f"{name.removeprefix('embedded:')}-t2i"
+    return Path(name) if Path(name).is_dir() else None  # a hub id: not known before it is downloaded
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _unet_config(config: Config) -> dict:
+    folder = _model_folder(config)
+    return {} if folder is None else _read_json(folder / "unet" / "config.json")
+
+
+def trajectory_bytes_per_sample(config: Config) -> int | None:
+    """What one sampled trajectory holds (latents and predicted x0 at every step, log-probs, prompt
+    embeddings, the decoded image), from the model's config files; None when they are not on disk."""
+    folder = _model_folder(config)
+    if folder is None:
+        return None
+    unet, text = _read_json(folder / "unet" / "config.json"), _read_json(folder / "text_encoder" / "config.json")
+    vae = _read_json(folder / "vae" / "config.json")
+    if not unet or not text:
+        return None
+    size = unet.get("sample_size", 64)
+    height, width = (size, size) if isinstance(size, int) else size
+    latent = unet.get("in_channels", 4) * height * width
+    scale = 2 ** (len(vae.get("block_out_channels", [0])) - 1) if vae else 1
+    image = 3 * height * scale * width * scale
+    value = 2 if config.model.dtype in ("float16", "bfloat16") else 4
+    steps = config.sample.num_steps
+    embeds = text.get("max_position_embeddings", 77) * text.get("hidden_size", 768)
+    embeds *= 2 if config.sample.guidance_scale > 1 else 1  # the negative prompt's, for guidance
+    return (2 * steps + 1) * latent * value + steps * 4 + embeds * value + image * 4
+
+
+def _size(count: float) -> str:
+    return f"{count / GIB:.1f} GiB" if count >= GIB else f"{count / 2**20:.1f} MiB"
+
+
+def check_memory(config: Config, total_memory: int | None = None) -> None:
+    """Refuse an epoch whose trajectories cannot fit this machine's memory, with the estimate. An epoch
+    lives twice: in Ray's object store and in the learners' copies. Only for runs on this machine."""
+    if config.cluster.address not in (None, "local") or (config.cluster.address is None and os.environ.get("RAY_ADDRESS")):
+        return  # a remote cluster: its nodes' memory is not known here
+    per_sample = trajectory_bytes_per_sample(config)
+    if per_sample is None:
+        return
+    if total_memory is None:
+        import psutil
+
+        total_memory = psutil.virtual_memory().total
+    sample = config.sample
+    needed = 2 * config.samples_per_epoch * per_sample
+    if needed > 0.8 * total_memory:
+        raise ConfigError(
+            f"sample.batch_size: an epoch of {config.samples_per_epoch} samples (sample.batch_size={sample.batch_size} "
+            f"x sample.num_batches_per_epoch={sample.num_batches_per_epoch}, {sample.num_steps} steps) needs about "
+            f"{_size(needed)} for its trajectories ({_size(per_sample)} each, held by the object store and the "
+            f"learners), but this machine has {_size(total_memory)}; lower sample.batch_size, "
+            "sample.num_batches_per_epoch or sample.num_steps"
+        )
