@@ -117,10 +117,11 @@ class Recovery:
         while pending:
             if while_waiting is not None:
                 while_waiting([b.ref for b in batches], len(batches) - len(pending))
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            if not ready:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            if not done:
                 continue
-            position = pending.pop(ready[0])
+            ready = done[0]
+            position = pending.pop(ready)
             try:
                 results[position] = ray.get(ready)
                 continue
