@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from dense_rl.bench.common import Report, load_average, pyplot, table
+from dense_rl.bench.common import Report, load_average, pyplot, ray_workers_at_normal_priority, table
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = REPO / "cluster" / "local_cluster.py"
@@ -140,6 +140,7 @@ def main(argv=None) -> int:
     from dense_rl.config import load_config
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray_workers_at_normal_priority()
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     actors = [int(n) for n in args.actors.split(",")]

@@ -28,7 +28,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from dense_rl.bench.common import Report, load_average, pyplot, table
+from dense_rl.bench.common import Report, load_average, pyplot, ray_workers_at_normal_priority, table
 
 QUICK = ["sample.num_steps=10", "sample.batch_size=8", "sample.num_batches_per_epoch=1", "train.batch_size=8"]
 # One actor of each role, one CPU each: the in-process loop's work, spread over Ray.
@@ -226,6 +226,7 @@ def main(argv=None) -> int:
     from dense_rl.config import load_config
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray_workers_at_normal_priority()
     torch.set_num_threads(1)  # the in-process loop gets what each Ray actor gets: one thread
     overrides = (QUICK if args.quick else []) + args.overrides
     epochs = 2 if args.quick else args.epochs
