@@ -167,7 +167,7 @@ def broadcast_and_bytes(config, repeats: int) -> dict:
                 "bytes": sum(t.numel() * t.element_size() for t in state.values()),
                 "parameters": sum(t.numel() for t in state.values()), "tensors": len(state)}
 
-    ray.init(address="local", num_cpus=4, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=5, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         workers = [RolloutWorker.options(num_cpus=1).remote(config, 1.0) for _ in range(2)]
         version, tiny_state = ray.get(workers[0].weights.remote())
@@ -175,6 +175,8 @@ def broadcast_and_bytes(config, repeats: int) -> dict:
         sd15_state = sd15_lora_state()
         receivers = [LoraReceiver.remote({k: tuple(v.shape) for k, v in sd15_state.items()}) for _ in range(2)]
         results["sd15_rank4"] = timed_broadcast(sd15_state, receivers)
+        for receiver in receivers:  # free their CPUs for the reward actor below
+            ray.kill(receiver)
         ray.get(workers[0].set_weights.remote(version, [ray.put(tiny_state)]))
 
         # What one rollout batch puts in the object store, field by field.
