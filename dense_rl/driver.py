@@ -18,7 +18,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import ray
 import torch
 from tqdm.auto import tqdm
@@ -32,15 +31,10 @@ from dense_rl.roles.learner import LearnerGroup
 from dense_rl.roles.reward import RewardWorker, ScoredBatch
 from dense_rl.roles.rollout import RolloutWorker
 from dense_rl.run_record import RunRecorder
+from dense_rl.seeds import batch_seed, prompt_rng
 from dense_rl.stats import PerPromptStatTracker
 
 log = logging.getLogger("dense_rl")
-
-
-def batch_seed(seed: int, epoch: int, batch: int) -> int:
-    """Noise seed of one rollout batch: a function of (seed, epoch, batch) alone, so a resumed run,
-    or a batch re-issued to another worker, samples exactly the same noise."""
-    return int(np.random.SeedSequence([seed, epoch, batch]).generate_state(1)[0])
 
 
 @dataclass
@@ -90,7 +84,7 @@ class Driver:
 
     def sample(self, epoch: int) -> list[RolloutBatch]:
         """prompts -> RolloutWorkers: one batch (an ObjectRef of Trajectories) per call, round-robin."""
-        rng = np.random.default_rng([self.config.run.seed, epoch])
+        rng = prompt_rng(self.config.run.seed, epoch)
         sample = self.config.sample
         batches = []
         for index in range(sample.num_batches_per_epoch):

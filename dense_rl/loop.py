@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -20,6 +19,7 @@ from dense_rl.lora import add_lora, load_lora_state_dict, read_lora_file
 from dense_rl.prompts import choose_prompts, load_prompts
 from dense_rl.rewards import WeightedRewards
 from dense_rl.scoring import score_trajectories
+from dense_rl.seeds import batch_seed, prompt_rng
 from dense_rl.stats import PerPromptStatTracker
 from dense_rl.update import make_optimizer, ppo_update
 
@@ -38,16 +38,19 @@ def build_policy(config: Config):
     return pipe, params
 
 
-def sample_epoch(pipe, config: Config, prompts: list[str], rng: np.random.Generator, generator, version: int = 0):
-    sample = config.sample
-    batches = [
-        sample_trajectories(
-            pipe, choose_prompts(rng, prompts, sample.batch_size, sample.samples_per_prompt),
-            num_steps=sample.num_steps, guidance_scale=sample.guidance_scale, eta=sample.eta,
-            negative_prompt=sample.negative_prompt, generator=generator, policy_version=version,
-        )
-        for _ in range(sample.num_batches_per_epoch)
-    ]
+def sample_epoch(pipe, config: Config, prompts: list[str], epoch: int, version: int = 0):
+    """The epoch's batches with the Ray driver's prompts and per-batch noise seeds, so the reference
+    loop and the Ray system sample identical batches from identical weights."""
+    sample, seed = config.sample, config.run.seed
+    rng = prompt_rng(seed, epoch)
+    batches = []
+    for batch in range(sample.num_batches_per_epoch):
+        prompts_of_batch = choose_prompts(rng, prompts, sample.batch_size, sample.samples_per_prompt)
+        batches.append(sample_trajectories(
+            pipe, prompts_of_batch, num_steps=sample.num_steps, guidance_scale=sample.guidance_scale,
+            eta=sample.eta, negative_prompt=sample.negative_prompt,
+            generator=torch.Generator().manual_seed(batch_seed(seed, epoch, batch)), policy_version=version,
+        ))
     return Trajectories.concat(batches)
 
 
@@ -67,7 +70,6 @@ def train(config: Config, *, show_progress: bool = True, keep_policy: dict | Non
     """Train in this process; returns one metrics dict per epoch (and the trained pipeline in
     keep_policy["pipe"] when a dict is given)."""
     torch.manual_seed(config.run.seed)
-    rng = np.random.default_rng(config.run.seed)
     generator = torch.Generator().manual_seed(config.run.seed)
 
     pipe, params = build_policy(config)
@@ -83,8 +85,10 @@ def train(config: Config, *, show_progress: bool = True, keep_policy: dict | Non
     bar = tqdm(range(config.run.num_epochs), desc="epochs", disable=not show_progress)
     for epoch in bar:
         started = time.perf_counter()
-        trajectories = sample_epoch(pipe, config, prompts, rng, generator, version=epoch)
+        trajectories = sample_epoch(pipe, config, prompts, epoch, version=epoch)
+        sampled = time.perf_counter()
         scores = score_trajectories(rewards, trajectories, config.credit)
+        scored = time.perf_counter()
         step_advantages, advantage_info = compute_step_advantages(
             trajectories.prompts, scores.rewards.numpy(), scores.step_weights,
             credit_mode=config.credit.mode, num_steps=config.sample.num_steps,
@@ -92,16 +96,23 @@ def train(config: Config, *, show_progress: bool = True, keep_policy: dict | Non
             temporal_alpha=config.credit.temporal_alpha, adv_clip_max=config.train.adv_clip_max,
             window_size=config.credit.window_size,
         )
+        credited = time.perf_counter()
         update_info = ppo_update(
             pipe.unet, pipe.scheduler, optimizer, params, trajectories, step_advantages, config.train,
             eta=config.sample.eta, guidance_scale=config.sample.guidance_scale, generator=generator,
         )
+        updated = time.perf_counter()
         metrics = {
             "epoch": epoch,
             "reward_mean": float(scores.rewards.mean()),
             "reward_std": float(scores.rewards.std()),
             "credit_fallbacks": scores.num_fallbacks,
-            "epoch_seconds": time.perf_counter() - started,
+            "epoch_seconds": updated - started,
+            # Stage timings: the benchmarks read what credit assignment costs from these.
+            "seconds_sample": sampled - started,
+            "seconds_score": scored - sampled,
+            "seconds_advantages": credited - scored,
+            "seconds_update": updated - credited,
             **{f"reward/{name}": float(v.mean()) for name, v in scores.components.items()},
             **{f"advantage/{k}": float(v) for k, v in advantage_info.items()},
             **update_info,

@@ -1,0 +1,44 @@
+"""`python -m dense_rl.bench <name> [--quick] [--out DIR] ...`
+
+    sample-efficiency   CoCA vs DDPO (sparse) vs UCA (uniform): reward against samples, several seeds
+    throughput          credit cost, Ray vs in-process, async vs sync, weight broadcast, object-store bytes
+    scaling             throughput against the number of rollout actors on the local multi-node cluster
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+BENCHMARKS = {
+    "sample-efficiency": "dense_rl.bench.sample_efficiency",
+    "throughput": "dense_rl.bench.throughput",
+    "scaling": "dense_rl.bench.scaling",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
+        print(__doc__.strip())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown benchmark {argv[0]!r}; choose one of {', '.join(BENCHMARKS)}", file=sys.stderr)
+            return 2
+        return 0
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # Loading bars of every pipeline load would bury the benchmark's own progress bar.
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    module = importlib.import_module(BENCHMARKS[argv[0]])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
