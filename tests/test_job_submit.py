@@ -59,6 +59,8 @@ def test_job_submit_to_a_head_started_here(tmp_path):
     subprocess.run(
         [BIN / "ray", "start", "--head", "--num-cpus=6", f"--port={head_port}", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         # The job agent's default port (52365) is taken while another Ray instance runs on this host.
+         f"--dashboard-agent-listen-port={free_port()}",
          "--disable-usage-stats"],
         env=env, check=True, capture_output=True, timeout=120,
     )
