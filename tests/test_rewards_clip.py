@@ -151,7 +151,7 @@ def test_default_hub_ids_load_through_the_hub_cache(tiny_clip, tmp_path):
     torch.save(images, tmp_path / "images.pt")
     script = (
         "import json, sys, torch; from dense_rl.rewards import build_reward;"
-        f"images = torch.load({str(tmp_path / 'images.pt')!r});"
+        f"images = torch.load({str(tmp_path / 'images.pt')!r}, weights_only=True);"
         "print(json.dumps({name: build_reward(name)(images, ['a cat', 'a dog']).tolist() for name in ('pickscore', 'aesthetic')}))"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
