@@ -9,6 +9,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One Ray auth mode for the whole session. A local `ray.init()` with RAY_AUTH_MODE unset switches this
+# process to token mode and caches it, while clusters started by the tests (`ray start`, the multi-node
+# script) listen on loopback without tokens: mixing the two made later clusters fail to start.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

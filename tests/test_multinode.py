@@ -28,10 +28,9 @@ SCRIPT = REPO / "cluster" / "local_cluster.py"
 
 
 @pytest.mark.slow
-def test_roles_run_on_their_own_nodes(tmp_path, monkeypatch):
+def test_roles_run_on_their_own_nodes(tmp_path):
     temp_dir = Path("/tmp") / f"rl-mn-{os.getpid()}"  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the script's cluster listens on loopback, no tokens
     try:
         subprocess.run([sys.executable, SCRIPT, "up", "--temp-dir", temp_dir, "--port", str(port),
                         "--dashboard-port", str(free_port())], check=True, capture_output=True, timeout=600)
