@@ -105,9 +105,9 @@ class _GaugeKeeper:
             self.gauges.clear()
 
     def _refresh(self) -> None:
-        interval = max(ray._config.metrics_report_interval_ms(), 1000) / 1000 / 2
         while True:
-            time.sleep(interval)
+            # Read every time: a driver process may start a later Ray session with a shorter interval.
+            time.sleep(min(max(ray._config.metrics_report_interval_ms() / 2000, 0.5), 5.0))
             if not ray.is_initialized():  # between sessions (driver) or shutting down: nothing to report to
                 continue
             with self.lock:
