@@ -52,8 +52,8 @@ def submit_job(command: list, env: dict) -> subprocess.CompletedProcess:
 
 def test_job_submit_to_a_head_started_here(tmp_path):
     # The job's `python` is whatever was first on PATH when `ray start` ran: put the venv first.
-    # Token auth is for shared clusters; this head listens on loopback only.
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    # (conftest.py turns token auth off: this head listens on loopback only.)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     dashboard, head_port = free_port(), free_port()
     temp_dir = Path("/tmp") / f"ray-test-{os.getpid()}"  # short: Ray's socket paths must fit 107 bytes
     subprocess.run(
