@@ -1,7 +1,8 @@
-"""Writes dashboards/dense_rl.json, the Grafana dashboard of a dense_rl run, from the panel list below.
+"""Writes dashboards/dense_rl.json, the Grafana dashboard of a dense_rl run, from the panel list below,
+and the same file into deploy/kuberay/components/monitoring/ (kustomize reads no file outside its tree).
 
-    python dashboards/build_dashboard.py          # rewrite dense_rl.json
-    python dashboards/build_dashboard.py --check  # exit 1 if dense_rl.json is out of date
+    python dashboards/build_dashboard.py          # rewrite both copies
+    python dashboards/build_dashboard.py --check  # exit 1 if either is out of date
 
 Metric names are as Prometheus scrapes them from Ray (`ray_` prefix, `_total` on counters; see
 dense_rl/metrics.py). Every query filters on the `session` variable (Ray's SessionName label: one per
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 OUTPUT = Path(__file__).with_name("dense_rl.json")
+KUSTOMIZE_COPY = Path(__file__).resolve().parent.parent / "deploy/kuberay/components/monitoring/dense_rl.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 S = 'SessionName=~"$session"'
 RATE = "[$__rate_interval]"
@@ -186,15 +188,17 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
+    text = render()
     if argv == ["--check"]:
-        if OUTPUT.read_text() != render():
-            print(f"{OUTPUT} is out of date; run python {Path(__file__).name}", file=sys.stderr)
-            return 1
-        return 0
+        stale = [path for path in (OUTPUT, KUSTOMIZE_COPY) if not path.is_file() or path.read_text() != text]
+        for path in stale:
+            print(f"{path} is out of date; run python dashboards/build_dashboard.py", file=sys.stderr)
+        return 1 if stale else 0
     if argv:
         print("usage: python dashboards/build_dashboard.py [--check]", file=sys.stderr)
         return 2
-    OUTPUT.write_text(render())
+    for path in (OUTPUT, KUSTOMIZE_COPY):
+        path.write_text(text)
     return 0
 
 

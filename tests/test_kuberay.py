@@ -1,15 +1,20 @@
-"""Every manifest the kustomize overlays render is validated: RayJob/RayCluster against KubeRay's v1.7.0
-CRD schemas with unknown fields rejected, core kinds with kubernetes-validate, and what no schema
+"""Every overlay of deploy/kuberay is built with stock kustomize (`kubectl kustomize`, no flags) and every
+object it renders is validated: RayJob/RayCluster against KubeRay's v1.7.0 CRD schemas with unknown fields
+rejected, core kinds with kubernetes-validate, the Prometheus Operator kinds against a strict subset of
+their schemas, the PrometheusRule's groups with promtool (and the rules' unit tests); plus what no schema
 knows (replica bounds, GPUs, the entrypoint and its config, secrets, the dashboard ConfigMap)."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import math
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -21,14 +26,56 @@ import yaml
 from dense_rl.config import Config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
-OVERLAYS = {"base": REPO / "deploy/kuberay/base", "cpu-demo": REPO / "deploy/kuberay/overlays/cpu-demo",
-            "gpu": REPO / "deploy/kuberay/overlays/gpu"}
+KUBERAY = REPO / "deploy/kuberay"
+# (what runs, hardware): a RayJob or a RayCluster, on CPU or GPU; one overlay each.
+OVERLAYS = {"job-cpu": ("RayJob", "cpu"), "job-gpu": ("RayJob", "gpu"),
+            "cluster-cpu": ("RayCluster", "cpu"), "cluster-gpu": ("RayCluster", "gpu")}
+IMAGES = {"cpu": "dense-rl:cpu", "gpu": "registry.example.com/dense-rl:0.1.0-gpu"}
+SHARED_KINDS = ["ConfigMap", "Deployment", "PersistentVolumeClaim", "PodMonitor", "PrometheusRule", "Service"]
 IMAGE_WORKDIR = "/home/ray/dense_rl"  # WORKDIR in deploy/Dockerfile: the repository's root in the image
 ROLES = ("rollout", "reward", "learner")
 
-_spec = importlib.util.spec_from_file_location("kuberay_render", REPO / "deploy/kuberay/render.py")
-render_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(render_module)
+
+def load_module(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_dashboard = load_module(REPO / "dashboards/build_dashboard.py")
+build_prometheusrule = load_module(REPO / "deploy/prometheus/build_prometheusrule.py")
+
+
+def kustomize_command() -> list[str]:
+    """Stock kustomize as users run it: kubectl's built-in one, else the standalone binary. A missing
+    binary fails the tests (never skips them): these manifests are only tested if they are built."""
+    if kubectl := shutil.which("kubectl"):
+        return [kubectl, "kustomize"]
+    if kustomize := shutil.which("kustomize"):
+        return [kustomize, "build"]
+    pytest.fail("kubectl not found on PATH: tests/test_kuberay.py builds deploy/kuberay/overlays/* with "
+                "`kubectl kustomize` (or `kustomize build`); install kubectl", pytrace=False)
+
+
+@functools.cache
+def kustomize_output(folder: Path) -> str:
+    done = subprocess.run([*kustomize_command(), str(folder)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{' '.join(kustomize_command())} {folder} failed:\n{done.stderr}"
+    return done.stdout
+
+
+def build(overlay: str) -> list[dict]:
+    """The objects `kubectl apply -k deploy/kuberay/overlays/OVERLAY` would apply (a fresh copy each call)."""
+    return [doc for doc in yaml.safe_load_all(kustomize_output(KUBERAY / "overlays" / overlay)) if doc]
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool not found on PATH: install Prometheus (Debian: apt-get install prometheus; "
+                    ".ci/run does)", pytrace=False)
+    return path
 
 
 def crd_folder() -> Path:
@@ -83,7 +130,8 @@ def load_crd_validators() -> dict[tuple[str, str], jsonschema.Draft7Validator]:
 
 CRD_VALIDATORS = load_crd_validators()
 
-# The PodMonitor fields used here (prometheus-operator's CRD is not vendored): a strict subset.
+# The PodMonitor and PrometheusRule fields used here (prometheus-operator's CRDs are not vendored):
+# strict subsets.
 _STRINGS = {"type": "array", "items": {"type": "string"}}
 _STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 _RELABEL = {"type": "object", "additionalProperties": False,
@@ -106,15 +154,36 @@ PODMONITOR_SCHEMA = {
 }
 
 
+_DURATION = {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d|w|y))+$"}
+_RULE = {"type": "object", "additionalProperties": False, "required": ["expr"],
+         "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+         "properties": {"record": {"type": "string"}, "alert": {"type": "string"}, "expr": {"type": "string"},
+                        "for": _DURATION, "keep_firing_for": _DURATION, "labels": _STR_MAP, "annotations": _STR_MAP}}
+PROMETHEUSRULE_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"}, "metadata": OBJECT_META,
+        "spec": {"type": "object", "additionalProperties": False, "required": ["groups"], "properties": {
+            "groups": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "additionalProperties": False, "required": ["name", "rules"],
+                "properties": {"name": {"type": "string"}, "interval": _DURATION,
+                               "rules": {"type": "array", "minItems": 1, "items": _RULE}}}},
+        }},
+    },
+}
+OPERATOR_SCHEMAS = {("monitoring.coreos.com/v1", "PodMonitor"): PODMONITOR_SCHEMA,
+                    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUSRULE_SCHEMA}
+
+
 def validation_errors(obj: dict) -> list[str]:
     """Schema errors of one rendered object, as 'path: message' lines (empty when valid)."""
     key = (obj.get("apiVersion"), obj.get("kind"))
     if key in CRD_VALIDATORS:
         errors = CRD_VALIDATORS[key].iter_errors(obj)
         return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
-    if key == ("monitoring.coreos.com/v1", "PodMonitor"):
+    if key in OPERATOR_SCHEMAS:
         return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-                for e in jsonschema.Draft7Validator(PODMONITOR_SCHEMA).iter_errors(obj)]
+                for e in jsonschema.Draft7Validator(OPERATOR_SCHEMAS[key]).iter_errors(obj)]
     try:
         kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
     except kubernetes_validate.ValidationError as error:
@@ -220,7 +289,7 @@ def walk(node, path=""):
 
 @pytest.fixture(scope="module", params=sorted(OVERLAYS))
 def rendered(request) -> tuple[str, list[dict]]:
-    return request.param, render_module.render(OVERLAYS[request.param])
+    return request.param, build(request.param)
 
 
 def by_kind(objects: list[dict], kind: str) -> dict:
@@ -228,18 +297,29 @@ def by_kind(objects: list[dict], kind: str) -> dict:
     return obj
 
 
+def ray_cluster_spec(obj: dict) -> dict:
+    return obj["spec"].get("rayClusterSpec", obj["spec"])
+
+
+def test_the_overlays_are_job_and_cluster_on_cpu_and_gpu():
+    # A new overlay must be added to OVERLAYS, so that it is tested too.
+    assert sorted(p.parent.name for p in KUBERAY.glob("overlays/*/kustomization.yaml")) == sorted(OVERLAYS)
+
+
 def test_every_rendered_manifest_is_valid(rendered):
     name, objects = rendered
-    kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ConfigMap", "Deployment", "PersistentVolumeClaim", "PodMonitor", "RayCluster", "RayJob", "Service"]
+    ray_kind, _ = OVERLAYS[name]
+    assert sorted(o["kind"] for o in objects) == sorted([*SHARED_KINDS, ray_kind])
     for obj in objects:
+        assert obj["metadata"]["namespace"] == "dense-rl", f"{name}: {obj['kind']}"
         assert validation_errors(obj) == [], f"{name}: {obj['kind']} {obj['metadata']['name']}"
 
 
-def test_ray_clusters_fit_the_runs_they_carry(rendered):
-    name, objects = rendered
-    job, cluster = by_kind(objects, "RayJob"), by_kind(objects, "RayCluster")
+@pytest.mark.parametrize("hardware", ["cpu", "gpu"])
+def test_ray_clusters_fit_the_runs_they_carry(hardware):
+    job, cluster = by_kind(build(f"job-{hardware}"), "RayJob"), by_kind(build(f"cluster-{hardware}"), "RayCluster")
     assert rayjob_problems(job) == []
+    # `ray job submit` onto the interactive cluster runs the same config as the job (README, step 8).
     _, config = entrypoint_config(job["spec"]["entrypoint"])
     assert cluster_problems(cluster["spec"], config) == []
     # The interactive RayCluster is the RayJob's cluster plus GCS fault tolerance.
@@ -248,15 +328,25 @@ def test_ray_clusters_fit_the_runs_they_carry(rendered):
     assert cluster_spec == job["spec"]["rayClusterSpec"]
     assert fault_tolerance["redisAddress"] == "dense-rl-redis:6379"
     assert fault_tolerance["redisPassword"] == {"valueFrom": {"secretKeyRef": {"name": "dense-rl-redis", "key": "password"}}}
-    if name == "gpu":
+    groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    gpu_groups = {g["groupName"] for g in groups if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]}
+    if hardware == "gpu":
         assert config.model.device == "cuda"
-        gpu_groups = {g["groupName"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-                      if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]}
         assert gpu_groups == {"rollout", "learner"}
+    else:
+        assert config.model.device == "cpu" and gpu_groups == set()
+    # kustomize's images transformer reaches the containers inside the CRDs, too.
+    for obj in (job, cluster):
+        spec = ray_cluster_spec(obj)
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            assert [c["image"] for c in group["template"]["spec"]["containers"]] == [IMAGES[hardware]]
+    # A one-node demo cluster shares a ReadWriteOnce volume; GPU clusters need ReadWriteMany.
+    volume = by_kind(build(f"job-{hardware}"), "PersistentVolumeClaim")
+    assert volume["spec"]["accessModes"] == (["ReadWriteOnce"] if hardware == "cpu" else ["ReadWriteMany"])
 
 
 def test_no_secret_in_any_manifest_and_metrics_are_wired(rendered):
-    _, objects = rendered
+    name, objects = rendered
     assert "Secret" not in {o["kind"] for o in objects}
     for obj in objects:
         for path, node in walk(obj):
@@ -265,22 +355,42 @@ def test_no_secret_in_any_manifest_and_metrics_are_wired(rendered):
     # The PodMonitor selects every Ray pod, and each Ray container names the port it scrapes.
     monitor = by_kind(objects, "PodMonitor")["spec"]
     port = monitor["podMetricsEndpoints"][0]["port"]
-    for kind in ("RayJob", "RayCluster"):
-        spec = by_kind(objects, kind)["spec"]
-        spec = spec.get("rayClusterSpec", spec)
-        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
-            labels = {**group["template"]["metadata"]["labels"], "ray.io/is-ray-node": "yes"}  # KubeRay adds the latter
-            assert monitor["selector"]["matchLabels"].items() <= labels.items()
-            assert port in [p["name"] for p in group["template"]["spec"]["containers"][0]["ports"]]
+    spec = ray_cluster_spec(by_kind(objects, OVERLAYS[name][0]))
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        labels = {**group["template"]["metadata"]["labels"], "ray.io/is-ray-node": "yes"}  # KubeRay adds the latter
+        assert monitor["selector"]["matchLabels"].items() <= labels.items()
+        assert port in [p["name"] for p in group["template"]["spec"]["containers"][0]["ports"]]
     dashboard = by_kind(objects, "ConfigMap")
     assert dashboard["metadata"]["labels"] == {"grafana_dashboard": "1"}
     (text,) = dashboard["data"].values()
     assert json.loads(text) == json.loads((REPO / "dashboards/dense_rl.json").read_text())
     assert json.loads(text)["uid"] == "dense-rl"
+    # The PrometheusRule holds exactly the groups plain Prometheus loads.
+    rule = by_kind(objects, "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load((REPO / "deploy/prometheus/dense_rl.rules.yml").read_text())["groups"]
+
+
+def test_generated_copies_in_the_kustomize_tree_are_up_to_date():
+    assert build_dashboard.main(["--check"]) == 0, "run python dashboards/build_dashboard.py"
+    assert build_prometheusrule.main(["--check"]) == 0, "run python deploy/prometheus/build_prometheusrule.py"
+    (text,) = by_kind(build("job-gpu"), "ConfigMap")["data"].values()
+    assert text == build_dashboard.render()
+
+
+def test_rendered_prometheus_rule_passes_promtool(tmp_path):
+    groups = [by_kind(build(name), "PrometheusRule")["spec"]["groups"] for name in sorted(OVERLAYS)]
+    assert all(g == groups[0] for g in groups)
+    # promtool reads plain rule files: the groups alone, beside a copy of the rules' unit tests,
+    # whose rule_files entry names dense_rl.rules.yml in the same folder.
+    (tmp_path / "dense_rl.rules.yml").write_text(yaml.safe_dump({"groups": groups[0]}, sort_keys=False))
+    shutil.copy(REPO / "deploy/prometheus/dense_rl.rules.test.yml", tmp_path)
+    for args in (["check", "rules", "dense_rl.rules.yml"], ["test", "rules", "dense_rl.rules.test.yml"]):
+        done = subprocess.run([promtool(), *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"promtool {' '.join(args)}:\n{done.stdout}{done.stderr}"
 
 
 def test_typos_and_impossible_clusters_are_caught():
-    objects = render_module.render(OVERLAYS["gpu"])
+    objects = build("job-gpu")
     job = by_kind(objects, "RayJob")
 
     typo = copy.deepcopy(job)
@@ -297,6 +407,10 @@ def test_typos_and_impossible_clusters_are_caught():
     deployment = copy.deepcopy(by_kind(objects, "Deployment"))
     deployment["spec"]["replica"] = 1
     assert validation_errors(deployment)
+
+    rule = copy.deepcopy(by_kind(objects, "PrometheusRule"))
+    rule["spec"]["groups"][1]["rules"][0]["expression"] = rule["spec"]["groups"][1]["rules"][0].pop("expr")
+    assert any("'expression' was unexpected" in e for e in validation_errors(rule))
 
     inverted = copy.deepcopy(job)
     inverted["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["minReplicas"] = 9
@@ -319,22 +433,12 @@ def test_typos_and_impossible_clusters_are_caught():
     assert "rollout: maxReplicas 2 x 1 rollout < 4 rollout actors" in rayjob_problems(too_few)
 
 
-def test_renderer_refuses_what_it_does_not_implement(tmp_path):
-    (tmp_path / "kustomization.yaml").write_text("resources: []\ncommonLabels: {a: b}\n")
-    with pytest.raises(render_module.RenderError, match="commonLabels is not supported"):
-        render_module.render(tmp_path)
-    (tmp_path / "kustomization.yaml").write_text(
-        f"resources: [{OVERLAYS['base']}]\npatches:\n  - path: p.yaml\n    target: {{kind: RayJob}}\n")
-    (tmp_path / "p.yaml").write_text("- {op: replace, path: /spec/rayClusterSpec/workerGroupSpecs/0/maxReplica, value: 1}\n")
-    with pytest.raises(render_module.RenderError, match="'maxReplica' does not exist"):
-        render_module.render(tmp_path)
-
-
-def test_renderer_command_line(capsys):
-    assert render_module.main([str(OVERLAYS["cpu-demo"]), "--without", "RayCluster", "--without", "PodMonitor"]) == 0
-    printed = list(yaml.safe_load_all(capsys.readouterr().out))
-    expected = [o for o in render_module.render(OVERLAYS["cpu-demo"]) if o["kind"] not in ("RayCluster", "PodMonitor")]
-    assert printed == expected and len(printed) == 5
+def test_without_kustomize_the_tests_fail_and_say_why(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.fail.Exception, match="kubectl not found on PATH"):
+        kustomize_command()
+    with pytest.raises(pytest.fail.Exception, match="promtool not found on PATH"):
+        promtool()
 
 
 def test_dockerfile_builds_on_the_pinned_ray():
