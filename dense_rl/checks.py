@@ -1,7 +1,10 @@
-"""Input checks that read files but load no model and start nothing (launch's preflight): a LoRA file
-that cannot fit the adapter, and an epoch too large for this machine's memory.
+"""Input checks that read files but load no weights and start nothing (launch's preflight): a model
+that is not on disk, LoRA target modules that match no layer of its UNet, a LoRA file that cannot fit
+the adapter, and an epoch too large for this machine's memory.
 
-Only JSON headers and config files are read; no torch, diffusers or Ray import happens here.
+Only JSON headers and config files are read. Nothing is downloaded: a hub id must already be in the
+local Hugging Face cache. torch and diffusers are imported only by `check_target_modules`, which
+builds the UNet from its config on the meta device (no weights).
 """
 
 from __future__ import annotations
@@ -67,11 +70,44 @@ def check_lora_file(config: Config) -> None:
                               f"features, {config.model.pretrained} has {cross_width}; use a LoRA of this model")
 
 
-def _model_folder(config: Config) -> Path | None:
-    name = config.model.pretrained
+def model_folder(config: Config) -> Path:
+    """The folder holding model.pretrained's model_index.json: the embedded model, a local folder, or a
+    hub id's snapshot in the local Hugging Face cache (looked up locally only: runs never download)."""
+    name, field = config.model.pretrained, "model.pretrained"
     if name.startswith("embedded:"):
-        return Path(__file__).resolve().parent / "assets" / f"{name.removeprefix('embedded:')}-t2i"
-    return Path(name) if Path(name).is_dir() else None  # a hub id: not known before it is downloaded
+        folder = Path(__file__).resolve().parent / "assets" / f"{name.removeprefix('embedded:')}-t2i"
+        if not (folder / "model_index.json").is_file():
+            raise ConfigError(f"{field}: there is no embedded model {name!r}; the shipped one is embedded:tiny")
+        return folder
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a path, not org/name
+        if not path.is_dir():
+            raise ConfigError(f"{field}: {name} does not exist; give a diffusers pipeline folder (holding "
+                              "model_index.json) or a hub id such as runwayml/stable-diffusion-v1-5")
+        if not (path / "model_index.json").is_file():
+            raise ConfigError(f"{field}: {name} has no model_index.json; give a diffusers pipeline folder "
+                              "(as save_pretrained writes it)")
+        return path
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        found = try_to_load_from_cache(name, "model_index.json", revision=config.model.revision)
+    except HFValidationError:
+        raise ConfigError(f"{field}: {name!r} is neither an existing folder nor a hub id (org/name); give a "
+                          "diffusers pipeline folder or a hub id such as runwayml/stable-diffusion-v1-5") from None
+    if not isinstance(found, str):
+        revision = f" at revision {config.model.revision}" if config.model.revision else ""
+        raise ConfigError(f"{field}: {name!r}{revision} is not a local folder nor in the local Hugging Face cache, "
+                          f"and runs never download; download it first (hf download {name}) or give a local folder")
+    return Path(found).parent
+
+
+def _model_folder(config: Config) -> Path | None:
+    try:
+        return model_folder(config)
+    except ConfigError:  # not on disk: estimates that need its config files are skipped
+        return None
 
 
 def _read_json(path: Path) -> dict:
@@ -134,3 +170,39 @@ def check_memory(config: Config, total_memory: int | None = None) -> None:
             f"learners), but this machine has {_size(total_memory)}; lower sample.batch_size, "
             "sample.num_batches_per_epoch or sample.num_steps"
         )
+
+
+def check_target_modules(config: Config, folder: Path) -> None:
+    """Every lora.target_modules entry must name layers of the model's UNet that LoRA can adapt, by
+    peft's rule (a module's name equals the entry or ends with "." + entry); peft itself only fails when
+    no entry matches, so a typo in one of them would train without it. The UNet is built from its
+    config on the meta device: no weights are read."""
+    unet_config = _read_json(folder / "unet" / "config.json")
+    if unet_config.get("_class_name") != "UNet2DConditionModel":
+        return  # config not downloaded yet, or another denoiser: the actors' start check reports it
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    lora_layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    modules = [(name, module) for name, module in unet.named_modules() if name]
+    examples = _short_names(name for name, module in modules if isinstance(module, lora_layers))
+    for target in config.lora.target_modules:
+        matched = [module for name, module in modules if name == target or name.endswith("." + target)]
+        others = sorted({type(m).__name__ for m in matched if not isinstance(m, lora_layers)})
+        if not matched or others:
+            what = "matches no module" if not matched else f"names {others[0]} modules, which LoRA cannot adapt,"
+            raise ConfigError(f"lora.target_modules: {target!r} {what} in the UNet of {config.model.pretrained}; "
+                              f"layers LoRA can adapt are named e.g. {', '.join(examples[:10])}")
+
+
+def _short_names(names) -> list[str]:
+    """Module names as target_modules entries: the last part (to_q), with its parent when it is an
+    index (to_out.0); each once, the most frequent (the attention projections) first."""
+    counts: dict[str, int] = {}
+    for name in names:
+        parts = name.split(".")
+        tail = ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+        counts[tail] = counts.get(tail, 0) + 1
+    return sorted(counts, key=lambda tail: -counts[tail])

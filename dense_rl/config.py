@@ -106,7 +106,7 @@ class ClusterConfig:
     reward_gpus: float = 0.0
     learner_cpus: float = 1.0
     learner_gpus: float = 0.0  # per worker; > 0 trains on CUDA with NCCL
-    max_policy_lag: int = 0  # 0: sync, exactly on-policy; >= 1: async, rollouts overlap the update
+    max_policy_lag: int = 0  # 0: sync, exactly on-policy; 1: async, rollouts overlap the update (decoupled PPO)
     # Fault tolerance (docs/reliability.md): restarts of a dead rollout/reward actor, retries of a
     # failed reward call before the run stops, and learner-group restarts (Ray Train FailureConfig).
     actor_restarts: int = 3
@@ -336,7 +336,9 @@ def validate(config: Config) -> None:
     for name in ("actor_restarts", "reward_retries", "learner_failures"):
         _require(getattr(cluster, name) >= 0, f"cluster.{name}", f"must be >= 0, got {getattr(cluster, name)}")
     _require(cluster.resource_wait_s >= 0, "cluster.resource_wait_s", f"must be >= 0, got {cluster.resource_wait_s}")
-    _require(cluster.max_policy_lag >= 0, "cluster.max_policy_lag", f"must be >= 0 (0 = sync), got {cluster.max_policy_lag}")
+    # The driver samples at most one epoch ahead of the learner, so a lag of 2 could never happen.
+    _require(cluster.max_policy_lag in (0, 1), "cluster.max_policy_lag",
+             f"must be 0 (sync, on-policy) or 1 (async: sample the next epoch during the update), got {cluster.max_policy_lag}")
     for role in ("rollout", "reward", "learner"):
         name = getattr(cluster, f"{role}_resource")
         _require(name == "" or (re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name) is not None

@@ -7,6 +7,9 @@ Sync mode (max_policy_lag = 0) is exactly on-policy. Async mode starts the next 
 soon as this epoch's batch is handed to the learner; a batch sampled more than `max_policy_lag`
 versions behind the learner is sampled again rather than trained on.
 
+The driver's state (DriverState: epoch, samples seen, stat trackers, history) and how a checkpoint
+completes and resumes live in dense_rl/checkpoint.py; what each epoch writes in dense_rl/run_record.py.
+
 Failures are handled in small helpers (dense_rl/recovery.py, the learner group), not in the loop: a
 lost rollout batch is issued again, a failed reward call retried, bad rewards dropped, a restarted
 learner group served its epoch again (docs/reliability.md).
@@ -16,36 +19,25 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import ray
 import torch
 from tqdm.auto import tqdm
 
 from dense_rl.advantages import compute_step_advantages
+from dense_rl.checkpoint import DriverState
 from dense_rl.config import Config
 from dense_rl.metrics import DriverMetrics
 from dense_rl.prompts import choose_prompts, load_prompts
-from dense_rl.recovery import Recovery, RolloutBatch, finite_rewards
+from dense_rl.recovery import Recovery, RolloutBatch, wait_until_started
 from dense_rl.roles.learner import LearnerGroup
 from dense_rl.roles.reward import RewardWorker, ScoredBatch
 from dense_rl.roles.rollout import RolloutWorker
 from dense_rl.run_record import RunRecorder
+from dense_rl.scoring import finite_rewards
 from dense_rl.seeds import batch_seed, prompt_rng
-from dense_rl.stats import PerPromptStatTracker
 
 log = logging.getLogger("dense_rl")
-
-
-@dataclass
-class DriverState:
-    """Everything the driver needs to continue a run; saved with each checkpoint."""
-
-    epoch: int = 0  # the next epoch to run == the learner's policy version
-    samples_seen: int = 0
-    reward_tracker: PerPromptStatTracker | None = None
-    step_tracker: PerPromptStatTracker | None = None
-    history: list[dict] = field(default_factory=list)
 
 
 class Driver:
@@ -71,6 +63,7 @@ class Driver:
                                  ).remote(config, cluster.reward_cpus)
             for _ in range(cluster.num_reward_workers)
         ]
+        self._wait_until_started()
         self.recovery = Recovery(self.rollout_workers, self.reward_workers, config, [r.name for r in config.rewards])
         if initial_weights is not None:  # resuming: rollouts start from the checkpoint's LoRA
             self.recovery.set_weights(state.epoch, initial_weights)
@@ -79,6 +72,20 @@ class Driver:
         self.learner = LearnerGroup(config, self.rollout_workers, recorder.run.uri, start_version=state.epoch,
                                     resume_from=resume_from)
         self.prometheus = DriverMetrics(config, self.rollout_workers)  # Prometheus, via Ray's metrics agent
+
+    def _wait_until_started(self) -> None:
+        """A constructor that fails (a model not on disk, LoRA modules that match nothing, a reward's
+        weights that do not load) stops the run here, within seconds, with its cause in one line."""
+        try:
+            wait_until_started(
+                {"rollout": self.rollout_workers, "reward": self.reward_workers},
+                hint={"rollout": f"check model.pretrained={self.config.model.pretrained!r} and lora.*",
+                      "reward": "check rewards[].name and rewards[].path"},
+            )
+        except BaseException:
+            for actor in self.rollout_workers + self.reward_workers:  # a Ray session shared with others keeps going
+                ray.kill(actor)
+            raise
 
     # ------------------------------------------------------------------ one stage each
 
@@ -102,10 +109,11 @@ class Driver:
         self.prometheus.scoring_done()
         return scored
 
-    def advantages(self, epoch: int, scored: list[ScoredBatch]) -> tuple[torch.Tensor, dict]:
+    def advantages(self, epoch: int, scored: list[ScoredBatch]) -> tuple[torch.Tensor, list[int], dict]:
         """Per-prompt normalisation of rewards, then of the shaped step rewards (both stages here,
         because the trackers must see every sample of the epoch). Samples with a NaN or infinite
-        reward get no advantage, so they add nothing to the update, and stay out of the statistics."""
+        reward are left out of the update and of the statistics: returns the step advantages of the
+        kept samples, their indices in the epoch, and the info."""
         prompts = [p for batch in scored for p in batch.prompts]
         rewards = torch.cat([batch.scores.rewards for batch in scored])
         weights = None if scored[0].scores.step_weights is None else torch.cat([b.scores.step_weights for b in scored])
@@ -118,9 +126,8 @@ class Driver:
             step_tracker=self.state.step_tracker, temporal_alpha=credit.temporal_alpha,
             adv_clip_max=self.config.train.adv_clip_max, window_size=credit.window_size,
         )
-        every = torch.zeros(len(rewards), step_advantages.shape[1], dtype=step_advantages.dtype)
-        every[good] = step_advantages
-        return every, {**info, "bad_rewards": len(rewards) - int(good.sum())}
+        rows = torch.nonzero(good).flatten().tolist()
+        return step_advantages, rows, {**info, "bad_rewards": len(rewards) - len(rows)}
 
     def refresh_stale(self, epoch: int, batches: list[RolloutBatch], scored: list[ScoredBatch]) -> list[ScoredBatch]:
         """Sample again any batch more than max_policy_lag versions behind the learner: in async mode
@@ -151,8 +158,8 @@ class Driver:
                 self.prometheus.batches_arrived(epoch, scored, [batch.worker for batch in batches])
                 sampled_and_scored = time.perf_counter()
                 scored = self.refresh_stale(epoch, batches, scored)
-                step_advantages, advantage_info = self.advantages(epoch, scored)
-                self.learner.submit(epoch, [batch.ref for batch in batches], step_advantages)
+                step_advantages, rows, advantage_info = self.advantages(epoch, scored)
+                self.learner.submit(epoch, [batch.ref for batch in batches], step_advantages, rows)
                 self.prometheus.submitted(len(batches))
                 pending = None
                 if asynchronous and epoch + 1 < config.run.num_epochs:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dense_rl.checkpoint import LORA_FILE, latest_checkpoint, read_lora_bytes
 from dense_rl.config import Config, ConfigError, RewardSpec, load_config
 from dense_rl.run_dir import CHECKPOINTS, CONFIG_FILE, RunDir
 
@@ -72,7 +73,6 @@ def read_run_config(run: RunDir) -> Config:
 def list_checkpoints(run: RunDir) -> dict[int, str]:
     """{policy version: checkpoint folder relative to the run} for every complete checkpoint saved."""
     import pyarrow.fs as pafs
-    from dense_rl.lora import LORA_FILE
 
     if not run.exists(CHECKPOINTS):
         return {}
@@ -92,7 +92,7 @@ def choose_checkpoints(run: RunDir, which: str) -> dict[int, str]:
     if which == "all":
         return available
     if which == "latest":
-        latest = run.latest_checkpoint()
+        latest = latest_checkpoint(run)
         return {} if latest is None else {latest["epoch"]: latest["path"]}
     try:
         wanted = [int(v) for v in which.split(",")]
@@ -143,7 +143,6 @@ def evaluate_run(
     from dense_rl.lora import add_lora, load_lora_state_dict
     from dense_rl.prompts import load_prompts
     from dense_rl.rewards import build_reward
-    from dense_rl.run_record import read_lora_bytes
 
     run = RunDir(run_uri)
     config = read_run_config(run)
@@ -176,7 +175,7 @@ def evaluate_run(
     bar = tqdm(total=len(policies) * len(batches), desc="evaluating", unit="batch", disable=not show_progress)
     for version, checkpoint in policies.items():
         if checkpoint:
-            load_lora_state_dict(pipe.unet, read_lora_bytes(run, f"{checkpoint}/pytorch_lora_weights.safetensors"))
+            load_lora_state_dict(pipe.unet, read_lora_bytes(run, f"{checkpoint}/{LORA_FILE}"))
             pipe.unet.enable_adapters()
         else:
             pipe.unet.disable_adapters()  # the pretrained model itself

@@ -74,8 +74,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str]:
 
 
 def preflight(config: Config, run_uri: str, resuming: bool) -> None:
-    """Checks that need files but no models: run before any actor starts."""
-    from dense_rl.checks import check_lora_file, check_memory
+    """Checks that read files but load no weights: run before Ray starts. The model checks come last:
+    they import diffusers (for the UNet built on the meta device)."""
+    from dense_rl.checkpoint import latest_checkpoint
+    from dense_rl.checks import check_lora_file, check_memory, check_target_modules, model_folder
     from dense_rl.prompts import load_prompts
     from dense_rl.run_dir import RunDir
 
@@ -89,7 +91,7 @@ def preflight(config: Config, run_uri: str, resuming: bool) -> None:
         check_lora_file(config)
     check_memory(config)
     run = RunDir(run_uri)
-    if not resuming and run.latest_checkpoint() is not None:
+    if not resuming and latest_checkpoint(run) is not None:
         raise ConfigError(
             f"run.name: {run_uri} already holds a run; resume it with --resume {run_uri} or pick another run.name"
         )
@@ -97,6 +99,7 @@ def preflight(config: Config, run_uri: str, resuming: bool) -> None:
         run.check_writable()
     except PermissionError as error:
         raise ConfigError(str(error)) from None
+    check_target_modules(config, model_folder(config))  # the model is on disk (never downloaded), LoRA fits it
 
 
 def start_ray(config: Config, verbose: bool = False) -> None:
@@ -154,10 +157,11 @@ def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verb
     """Start (or resume) the run in `run_uri` on Ray and train to config.run.num_epochs."""
     import ray
 
+    from dense_rl.checkpoint import load_resume_point
     from dense_rl.driver import Driver
     from dense_rl.registry import RunTracker
     from dense_rl.run_dir import RunDir
-    from dense_rl.run_record import RunRecorder, load_resume_point
+    from dense_rl.run_record import RunRecorder
 
     run = RunDir(run_uri)
     recorder = RunRecorder(run, config)
@@ -167,10 +171,9 @@ def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verb
     start_ray(config, verbose)
     try:
         wait_for_resources(config)  # before anything is written: a run that cannot be placed leaves no trace
-        if checkpoint is None:
-            recorder.write_config()
-        else:
+        if checkpoint is not None:
             log.info("resuming %s from %s (epoch %d)", run.uri, checkpoint, state.epoch)
+        recorder.write_config(start_epoch=state.epoch)  # every session: its --set values are kept
         tracker = RunTracker.start(config, run.uri, state)  # the run registry (Redis or the run directory)
         try:
             history = Driver(config, recorder, state, weights, resume_from=checkpoint).run(
@@ -199,9 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.in_process:
+        from dense_rl.errors import RunFailed
         from dense_rl.loop import train
 
-        history = train(config, show_progress=not args.quiet)
+        try:
+            history = train(config, show_progress=not args.quiet)
+        except RunFailed as error:  # e.g. an epoch with no finite reward, as in the Ray system
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         print(f"in-process run done: reward {history[0]['reward_mean']:.4f} -> {history[-1]['reward_mean']:.4f}")
         return 0
 

@@ -1,7 +1,9 @@
 """The whole algorithm in one process: sample -> reward -> credit -> advantages -> PPO.
 
 This is the reference the Ray system is measured against (same functions, no distribution), and the
-quickest way to read what one epoch does.
+quickest way to read what one epoch does. It draws the same prompts and noise as the driver, leaves
+out samples with a NaN/inf reward the same way, and shuffles as learner rank 0 of 1 does
+(`update_seed`), so a run with one learner worker can be compared with it exactly.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from dense_rl.diffusion.sampler import Trajectories, sample_trajectories
 from dense_rl.lora import add_lora, load_lora_state_dict, read_lora_file
 from dense_rl.prompts import choose_prompts, load_prompts
 from dense_rl.rewards import WeightedRewards
-from dense_rl.scoring import score_trajectories
-from dense_rl.seeds import batch_seed, prompt_rng
+from dense_rl.scoring import finite_rewards, score_trajectories
+from dense_rl.seeds import batch_seed, prompt_rng, update_seed
 from dense_rl.stats import PerPromptStatTracker
-from dense_rl.update import make_optimizer, ppo_update
+from dense_rl.update import make_grad_scaler, make_optimizer, ppo_update
 
 
 def build_policy(config: Config):
@@ -70,50 +72,63 @@ def train(config: Config, *, show_progress: bool = True, keep_policy: dict | Non
     """Train in this process; returns one metrics dict per epoch (and the trained pipeline in
     keep_policy["pipe"] when a dict is given)."""
     torch.manual_seed(config.run.seed)
-    generator = torch.Generator().manual_seed(config.run.seed)
 
     pipe, params = build_policy(config)
     if keep_policy is not None:
         keep_policy["pipe"] = pipe
     optimizer = make_optimizer(params, config.train)
+    grad_scaler = make_grad_scaler(pipe.unet)
     rewards = WeightedRewards(config.rewards, device=config.model.device)
     prompts = load_prompts(config.sample.prompts)
     reward_tracker = PerPromptStatTracker(config.credit.buffer_size, config.credit.min_count)
     step_tracker = PerPromptStatTracker(config.credit.buffer_size, config.credit.min_count)
 
     history = []
+    asynchronous, pending = config.cluster.max_policy_lag == 1, None
     bar = tqdm(range(config.run.num_epochs), desc="epochs", disable=not show_progress)
     for epoch in bar:
         started = time.perf_counter()
-        trajectories = sample_epoch(pipe, config, prompts, epoch, version=epoch)
+        # Sync: sampled by the weights of this epoch. Async, as in the Ray driver: sampled before the
+        # previous update, by the weights one version behind (ppo_update corrects for it).
+        trajectories = pending if pending is not None else sample_epoch(pipe, config, prompts, epoch, version=epoch)
         sampled = time.perf_counter()
         scores = score_trajectories(rewards, trajectories, config.credit)
         scored = time.perf_counter()
+        good = finite_rewards(scores.rewards, epoch)  # NaN/inf rewards: left out of the update
+        rows = torch.nonzero(good).flatten()
+        kept = trajectories.select(rows)
+        weights = None if scores.step_weights is None else scores.step_weights[good]
         step_advantages, advantage_info = compute_step_advantages(
-            trajectories.prompts, scores.rewards.numpy(), scores.step_weights,
+            kept.prompts, scores.rewards[good].numpy(), weights,
             credit_mode=config.credit.mode, num_steps=config.sample.num_steps,
             reward_tracker=reward_tracker, step_tracker=step_tracker,
             temporal_alpha=config.credit.temporal_alpha, adv_clip_max=config.train.adv_clip_max,
             window_size=config.credit.window_size,
         )
         credited = time.perf_counter()
+        if asynchronous and epoch + 1 < config.run.num_epochs:
+            pending = sample_epoch(pipe, config, prompts, epoch + 1, version=epoch)
+        sampled_ahead = time.perf_counter()
         update_info = ppo_update(
-            pipe.unet, pipe.scheduler, optimizer, params, trajectories, step_advantages, config.train,
-            eta=config.sample.eta, guidance_scale=config.sample.guidance_scale, generator=generator,
+            pipe.unet, pipe.scheduler, optimizer, params, kept, step_advantages, config.train,
+            eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
+            generator=torch.Generator().manual_seed(update_seed(config.run.seed, epoch, rank=0)),
+            learner_version=epoch, grad_scaler=grad_scaler,
         )
         updated = time.perf_counter()
         metrics = {
             "epoch": epoch,
-            "reward_mean": float(scores.rewards.mean()),
-            "reward_std": float(scores.rewards.std()),
+            "reward_mean": float(scores.rewards[good].mean()),
+            "reward_std": float(scores.rewards[good].std()),
+            "bad_rewards": len(good) - len(rows),
             "credit_fallbacks": scores.num_fallbacks,
             "epoch_seconds": updated - started,
             # Stage timings: the benchmarks read what credit assignment costs from these.
-            "seconds_sample": sampled - started,
+            "seconds_sample": (sampled - started) + (sampled_ahead - credited),
             "seconds_score": scored - sampled,
             "seconds_advantages": credited - scored,
-            "seconds_update": updated - credited,
-            **{f"reward/{name}": float(v.mean()) for name, v in scores.components.items()},
+            "seconds_update": updated - sampled_ahead,
+            **{f"reward/{name}": float(v[torch.isfinite(v)].mean()) for name, v in scores.components.items()},
             **{f"advantage/{k}": float(v) for k, v in advantage_info.items()},
             **update_info,
         }

@@ -1,7 +1,10 @@
 """LoRA on the UNet through peft: add it, move its state around as tensors, export it for diffusers.
 
 The adapter state travels between roles as a flat `{name: tensor}` dict in peft's naming; files on
-disk use diffusers' naming, so `StableDiffusionPipeline.load_lora_weights(folder)` loads them.
+disk use diffusers' naming, so `StableDiffusionPipeline.load_lora_weights(folder)` loads them. A file
+also carries the adapter's LoraConfig (rank, alpha, target modules) as diffusers' adapter metadata:
+without it diffusers assumes alpha = rank, and a LoRA trained with another alpha loads at the wrong
+scale.
 """
 
 from __future__ import annotations
@@ -64,12 +67,23 @@ def load_lora_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"peft rejected LoRA keys, e.g. {result.unexpected_keys[0]!r}")
 
 
+def lora_adapter_metadata(unet) -> dict:
+    """The adapter's LoraConfig as diffusers stores it next to the weights (and `load_lora_weights`
+    passes to `LoraConfig(**...)`). Only the fields that shape the adapter: a file should load with
+    any peft version, and a newer peft's extra fields would make an older one's LoraConfig refuse it."""
+    config = unet.peft_config["default"]
+    modules = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": modules}
+
+
 def save_lora(unet, folder: str | Path) -> Path:
-    """Write the adapter as `folder/pytorch_lora_weights.safetensors` in diffusers' format."""
+    """Write the adapter as `folder/pytorch_lora_weights.safetensors` in diffusers' format, with its
+    LoraConfig as adapter metadata, so diffusers applies it at the trained scale (alpha / rank)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     layers = convert_state_dict_to_diffusers(lora_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
+                                              unet_lora_adapter_metadata=lora_adapter_metadata(unet))
     return folder / LORA_FILE
 
 

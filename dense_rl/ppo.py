@@ -1,4 +1,5 @@
-"""PPO-clip loss over denoising steps (DDPO's form) and the Gaussian KL for a reference penalty."""
+"""PPO-clip loss over denoising steps (DDPO's form, decoupled for off-policy batches) and the Gaussian
+KL for a reference penalty."""
 
 from __future__ import annotations
 
@@ -11,37 +12,54 @@ def ppo_clip_loss(
     advantages: torch.Tensor,
     clip_range: float,
     adv_clip_max: float,
+    behaviour_log_probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """DDPO's clipped surrogate: mean(max(-A * ratio, -A * clamp(ratio, 1 - eps, 1 + eps))).
 
-    All three tensors share one shape (typically [B] for one denoising step per row). Returns the
-    scalar loss and an info dict of detached 0-d tensors (call ``float()`` on them when logging;
-    they stay on the device so a training step does not have to synchronise):
-    approx_kl = 0.5 * mean((log_probs - old_log_probs)^2), clipfrac = mean(|ratio - 1| > eps),
-    ratio_mean = mean(ratio).
+    `ratio = exp(log_probs - old_log_probs)`. On-policy, `old_log_probs` are the sampler's own. For a
+    batch sampled by an older policy (async mode), pass the *proximal* policy's log-probs (the learner's
+    weights when the update began) as `old_log_probs` and the sampler's as `behaviour_log_probs`: the
+    ratio is then clipped around the proximal policy and each term is weighted by the importance weight
+    exp(old - behaviour) (decoupled PPO, Hilton et al. 2021), so stale samples neither start clipped
+    nor count as if they were on-policy.
+
+    All tensors share one shape (typically [B] for one denoising step per row). Returns the scalar
+    loss and an info dict of detached 0-d tensors, left on the device so a training step does not
+    synchronise: approx_kl = 0.5 * mean((log_probs - old_log_probs)^2), clipfrac = mean(|ratio - 1| >
+    eps), ratio_mean, and importance_weight (its mean; 1 on-policy).
     """
     if not (log_probs.shape == old_log_probs.shape == advantages.shape):
         raise ValueError(
             f"log_probs {tuple(log_probs.shape)}, old_log_probs {tuple(old_log_probs.shape)} and "
             f"advantages {tuple(advantages.shape)} must have the same shape"
         )
+    if behaviour_log_probs is not None and behaviour_log_probs.shape != log_probs.shape:
+        raise ValueError(f"behaviour_log_probs {tuple(behaviour_log_probs.shape)} must have the shape of "
+                         f"log_probs {tuple(log_probs.shape)}")
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
     if adv_clip_max <= 0:
         raise ValueError(f"adv_clip_max must be > 0, got {adv_clip_max}")
 
     advantages = advantages.detach().clamp(-adv_clip_max, adv_clip_max)
-    log_ratio = log_probs - old_log_probs.detach()
+    old_log_probs = old_log_probs.detach()
+    log_ratio = log_probs - old_log_probs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    surrogate = torch.maximum(unclipped, clipped)
+    if behaviour_log_probs is None:
+        importance_weight = torch.ones_like(surrogate)
+    else:
+        importance_weight = torch.exp(old_log_probs - behaviour_log_probs.detach())
+    loss = (importance_weight * surrogate).mean()
 
     with torch.no_grad():
         info = {
             "approx_kl": 0.5 * (log_ratio**2).mean(),
             "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean(),
             "ratio_mean": ratio.mean(),
+            "importance_weight": importance_weight.mean(),
         }
     return loss, info
 

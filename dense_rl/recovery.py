@@ -6,8 +6,11 @@
   batches it would have had: none lost, none twice.
 - A reward call that raises, or a reward actor that dies (it restarts too), is retried up to
   cluster.reward_retries times; then the run stops with RunFailed naming the reward and the cause.
-- NaN or infinite rewards are dropped from the update and counted; an epoch with no finite reward
-  stops the run rather than train on garbage.
+- An actor whose constructor fails (a model that is not there, LoRA modules that match nothing) is
+  not restarted by Ray; the driver waits for every actor to start and stops the run with the cause in
+  one line (`wait_until_started`).
+- NaN or infinite rewards (dense_rl/scoring.py::finite_rewards) are dropped from the update and
+  counted; an epoch with no finite reward stops the run rather than train on garbage.
 """
 
 from __future__ import annotations
@@ -17,14 +20,11 @@ import time
 from dataclasses import dataclass
 
 import ray
-import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError, RayTaskError
 
+from dense_rl.errors import RunFailed, start_failure  # RunFailed: callers import it from here too
+
 log = logging.getLogger("dense_rl")
-
-
-class RunFailed(RuntimeError):
-    """The run cannot go on; the message is one line naming what failed and why."""
 
 
 @dataclass
@@ -73,9 +73,8 @@ class Recovery:
     def issue(self, batch: RolloutBatch, sync_weights: bool = False) -> None:
         worker = self.rollout_workers[batch.worker]
         version, weights = self.weights
-        if sync_weights and weights is not None:
-            worker.set_weights.remote(version, weights)  # an actor runs its calls in order: before generate
-        batch.ref = worker.generate.remote(batch.prompts, batch.seed)
+        give = (version, weights) if sync_weights and weights is not None else None
+        batch.ref = worker.generate.remote(batch.prompts, batch.seed, give)
 
     def reissue(self, batch: RolloutBatch, why: str) -> None:
         """Sample `batch` again on the next live worker, after giving it the newest weights."""
@@ -175,17 +174,16 @@ def wait_until_alive(actor, timeout_s: float = 600.0) -> bool:
             time.sleep(0.5)
 
 
-# ---------------------------------------------------------------------- bad rewards
-
-
-def finite_rewards(rewards: torch.Tensor, epoch: int) -> torch.Tensor:
-    """Mask of the rewards that may enter the update. NaN/inf ones are logged; none at all stops the run."""
-    good = torch.isfinite(rewards)
-    bad = int((~good).sum())
-    if bad == len(rewards):
-        raise RunFailed(f"rewards: every reward of epoch {epoch} is NaN or infinite ({bad} samples); "
-                        "check the reward model and its weights (rewards[].path) before training on them")
-    if bad:
-        log.warning("epoch %d: %d of %d rewards are NaN or infinite; dropped from the update (bad_rewards)",
-                    epoch, bad, len(rewards))
-    return good
+def wait_until_started(actors: dict[str, list], hint: dict[str, str]) -> None:
+    """Wait until every actor's constructor has finished; the first that failed stops the run with
+    one line naming its role and the cause. Ray does not restart an actor whose constructor raised,
+    so without this the failure would surface later as a lost batch, under the wrong name."""
+    calls = {actor.pid.remote(): (role, index) for role, group in actors.items() for index, actor in enumerate(group)}
+    while calls:
+        done, _ = ray.wait(list(calls), num_returns=1)
+        role, index = calls.pop(done[0])
+        try:
+            ray.get(done[0])
+        except RayError as error:
+            cause = start_failure(str(error)) or first_line(error)
+            raise RunFailed(f"{role} worker {index} could not start: {cause}; {hint[role]}") from None

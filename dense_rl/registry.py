@@ -24,6 +24,7 @@ import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
 
+from dense_rl.checkpoint import latest_checkpoint
 from dense_rl.config import Config, ConfigError
 from dense_rl.run_dir import RunDir
 
@@ -180,7 +181,7 @@ class RunTracker:
             previous = registry.get(config.run.name)
         except RegistryUnavailable:
             pass  # written when the store returns
-        latest = RunDir(run_uri).latest_checkpoint()
+        latest = latest_checkpoint(RunDir(run_uri))
         now = time.time()
         record = {
             "name": config.run.name,
@@ -228,7 +229,7 @@ class RunTracker:
         """A Driver.run on_epoch callback that records the epoch, then calls `then(driver, metrics)`."""
 
         def record_epoch(driver, metrics: dict) -> None:
-            latest = driver.recorder.run.latest_checkpoint()
+            latest = latest_checkpoint(driver.recorder.run)
             with self.write_lock:
                 self.record.update(
                     epoch=metrics["epoch"] + 1, policy_version=metrics["policy_version"], metrics=dict(metrics),

@@ -1,6 +1,7 @@
 """The run directory: a local path or a URI (s3://, gs://, file://) through pyarrow's filesystem layer.
 
-    RUN/config.yaml                      the resolved config the run started with
+    RUN/config.yaml                      the resolved config of the newest session (--resume reads it)
+    RUN/config_history/001-from-epoch-0003.yaml   each session's config: the first start, then every resume
     RUN/metrics.parquet                  one row per epoch
     RUN/samples/epoch-0003.parquet       one row per sample: prompt, reward, per-step credits, policy version
     RUN/images/epoch-0003.png            a grid of the epoch's first samples
@@ -8,6 +9,9 @@
     RUN/checkpoints/<fit>/epoch-0003/    LoRA (diffusers format), optimizer, driver state; <fit> names
                                          one learner-group run (a resumed run starts a new one)
     RUN/latest.json                      the newest *complete* checkpoint; written last
+
+What a checkpoint holds and in which order it is written is dense_rl/checkpoint.py's business; this
+module only moves files.
 
 Every file is written under a temporary name and renamed into place (on object stores, where rename
 is a copy, a half-written object is never visible either), and `latest.json` only ever names a
@@ -32,6 +36,7 @@ from safetensors.torch import save as save_safetensors
 
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.yaml"
+CONFIG_HISTORY = "config_history"
 LATEST = "latest.json"
 
 
@@ -50,6 +55,13 @@ class RunDir:
 
     def exists(self, relative: str) -> bool:
         return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
+
+    def list_files(self, relative: str) -> list[str]:
+        """Names of the whole files directly in folder `relative` (none if it is missing), sorted;
+        a write in progress (its temporary name) is not one."""
+        selector = pafs.FileSelector(self.path(relative), allow_not_found=True)
+        names = [info.base_name for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File]
+        return sorted(name for name in names if ".tmp-" not in name)
 
     # ------------------------------------------------------------------ bytes
 
@@ -101,7 +113,8 @@ class RunDir:
     def read_table(self, relative: str) -> list[dict]:
         return pq.read_table(io.BytesIO(self.read_bytes(relative))).to_pylist()
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (plain file ops)
+    # dense_rl.checkpoint is their only caller: it decides when a checkpoint is complete.
 
     def latest_checkpoint(self) -> dict | None:
         """{"epoch": k, "path": "checkpoints/<fit>/epoch-000k"} for the newest complete checkpoint, or None."""
@@ -110,23 +123,3 @@ class RunDir:
     def mark_latest(self, epoch: int, path: str) -> None:
         self.write_json(LATEST, {"epoch": epoch, "path": path})
 
-
-# ---------------------------------------------------------------------- optimizer state as safetensors
-
-
-def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Flatten an optimizer's state into tensors plus JSON metadata (no pickle on disk)."""
-    state = optimizer.state_dict()
-    tensors = {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            tensors[f"state.{index}.{key}"] = torch.as_tensor(value)
-    return tensors, {"param_groups": json.dumps(state["param_groups"])}
-
-
-def optimizer_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": json.loads(metadata["param_groups"])}

@@ -1,17 +1,14 @@
-"""What a run writes each epoch (metrics, samples, image grid, reward curve, driver state) and how a
-run is resumed from its newest complete checkpoint."""
+"""What a run writes each epoch (metrics, samples, image grid, reward curve) and each session (its
+config, newest and history). Checkpoints, and resuming from one, are dense_rl/checkpoint.py's."""
 
 from __future__ import annotations
 
 import yaml
 
+from dense_rl.checkpoint import complete_checkpoint
 from dense_rl.config import Config
-from dense_rl.lora import LORA_FILE, lora_state_from_diffusers
 from dense_rl.plots import image_grid_png, reward_curve_png
-from dense_rl.run_dir import CONFIG_FILE, RunDir
-from dense_rl.stats import PerPromptStatTracker
-
-DRIVER_STATE = "driver_state.json"
+from dense_rl.run_dir import CONFIG_FILE, CONFIG_HISTORY, RunDir
 
 
 class RunRecorder:
@@ -83,56 +80,17 @@ class RunRecorder:
             [m["samples_seen"] for m in history], [m["reward_mean"] for m in history],
             [m["reward_std"] for m in history], title=f"{self.config.run.name}: {self.config.credit.mode}",
         ))
-        if checkpoint is not None:
-            # The learner has written LoRA + optimizer into this checkpoint; the driver state goes
-            # in last, then latest.json names it, so a crash in between leaves the previous one current.
-            run.write_json(f"{checkpoint}/{DRIVER_STATE}", driver_state_dict(state))
-            run.mark_latest(state.epoch, checkpoint)
+        if checkpoint is not None:  # the learner has written its files; the driver's state completes it
+            complete_checkpoint(run, checkpoint, state)
 
-    def write_config(self) -> None:
-        self.run.write_bytes(CONFIG_FILE, yaml.safe_dump(self.config.to_dict(), sort_keys=False).encode())
+    def write_config(self, start_epoch: int) -> None:
+        """This session's config: config.yaml (the newest, which --resume reads as its base) and one more
+        config_history/NNN-from-epoch-KKKK.yaml, so a resume with --set never erases what came before."""
+        run = self.run
+        if not run.list_files(CONFIG_HISTORY) and run.exists(CONFIG_FILE):  # a run from before the history
+            run.write_bytes(f"{CONFIG_HISTORY}/000-from-epoch-0000.yaml", run.read_bytes(CONFIG_FILE))
+        text = yaml.safe_dump(self.config.to_dict(), sort_keys=False).encode()
+        session = len(run.list_files(CONFIG_HISTORY))
+        run.write_bytes(f"{CONFIG_HISTORY}/{session:03d}-from-epoch-{start_epoch:04d}.yaml", text)
+        run.write_bytes(CONFIG_FILE, text)
 
-
-# ---------------------------------------------------------------------- driver state
-
-
-def driver_state_dict(state) -> dict:
-    return {
-        "epoch": state.epoch,
-        "samples_seen": state.samples_seen,
-        "reward_tracker": state.reward_tracker.state_dict(),
-        "step_tracker": state.step_tracker.state_dict(),
-        "history": state.history,
-    }
-
-
-def new_driver_state(config: Config):
-    from dense_rl.driver import DriverState
-
-    credit = config.credit
-    return DriverState(
-        reward_tracker=PerPromptStatTracker(credit.buffer_size, credit.min_count),
-        step_tracker=PerPromptStatTracker(credit.buffer_size, credit.min_count),
-    )
-
-
-def load_resume_point(run: RunDir, config: Config):
-    """(driver state, LoRA state, checkpoint path) of the newest complete checkpoint, or a fresh state
-    and None when the run has none yet."""
-    state = new_driver_state(config)
-    latest = run.latest_checkpoint()
-    if latest is None:
-        return state, None, None
-    saved = run.read_json(f"{latest['path']}/{DRIVER_STATE}")
-    state.epoch = saved["epoch"]
-    state.samples_seen = saved["samples_seen"]
-    state.reward_tracker.load_state_dict(saved["reward_tracker"])
-    state.step_tracker.load_state_dict(saved["step_tracker"])
-    state.history = saved["history"]
-    lora = read_lora_bytes(run, f"{latest['path']}/{LORA_FILE}")
-    return state, lora, latest["path"]
-
-
-def read_lora_bytes(run: RunDir, relative: str) -> dict:
-    """read_lora_file for any filesystem: diffusers-named tensors -> peft-named adapter state."""
-    return lora_state_from_diffusers(run.read_tensors(relative), source=f"{run.uri}/{relative}")

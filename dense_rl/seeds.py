@@ -1,5 +1,5 @@
-"""Seeds derived from (run seed, epoch, batch) alone, shared by the Ray driver and the in-process loop
-(this module imports no Ray), so both sample exactly the same batches."""
+"""Seeds derived from (run seed, epoch, batch or rank) alone, shared by the Ray system and the in-process
+loop (this module imports no Ray), so both sample the same batches and shuffle them the same way."""
 
 from __future__ import annotations
 
@@ -15,3 +15,9 @@ def batch_seed(seed: int, epoch: int, batch: int) -> int:
 def prompt_rng(seed: int, epoch: int) -> np.random.Generator:
     """The generator that draws an epoch's prompts."""
     return np.random.default_rng([seed, epoch])
+
+
+def update_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of a learner rank's minibatch and timestep shuffles in one epoch (no RNG state to
+    checkpoint). The in-process loop is rank 0 of 1, so it shuffles exactly as a 1-rank learner does."""
+    return int(np.random.SeedSequence([seed, epoch, rank, 1]).generate_state(1)[0])

@@ -1,5 +1,20 @@
 """One PPO update of the LoRA policy on a batch of scored trajectories (every denoising step is a
-PPO sample with its own advantage). Shared by the in-process loop and the Ray learner."""
+PPO sample with its own advantage). Shared by the in-process loop and the Ray learner.
+
+Two paths a GPU user takes need more than float32 on-policy PPO (docs/algorithm.md):
+
+- **Half precision.** The frozen UNet runs in float16/bfloat16, the LoRA parameters and the step
+  arithmetic (mean, std, log-prob, loss) in float32. Backpropagating through a float16 UNet, the
+  per-element gradients of an SD-sized update (1/(T * rows * C*H*W) of the loss each) sit near
+  float16's subnormal range, so a float16 UNet trains through a GradScaler: the loss is scaled up
+  before backward, the LoRA gradients unscaled before clipping, and a step whose gradients overflowed
+  is skipped while the scale shrinks. bfloat16 has float32's exponent range and needs no scaling.
+- **Off-policy batches** (async mode: sampled by version e, trained by a learner at e + 1). The
+  learner first rescores every stored action under its own weights (no gradient): those proximal
+  log-probs are what the PPO ratio is clipped around, and the sampler's log-probs only enter through
+  the importance weight (decoupled PPO, dense_rl.ppo.ppo_clip_loss). It costs one gradient-free
+  forward pass per trained step, about a third of the update, and only off-policy.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +29,23 @@ from dense_rl.diffusion.sampler import Trajectories, predict_noise
 from dense_rl.ppo import gaussian_kl, ppo_clip_loss
 
 
+def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        params, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
+        weight_decay=train.adam_weight_decay, eps=train.adam_epsilon,
+    )
+
+
+def make_grad_scaler(unet) -> torch.amp.GradScaler:
+    """Loss scaling for a float16 UNet (a no-op otherwise). Keep one per learner, so the scale it has
+    found carries over from one update to the next."""
+    frozen = next(p for p in unet.parameters() if not p.requires_grad)
+    # growth_interval: PPO takes a few optimizer steps per epoch, not thousands; let the scale climb
+    # back within a few epochs after an overflow.
+    return torch.amp.GradScaler(frozen.device.type, init_scale=2.0**16, growth_interval=20,
+                                enabled=frozen.dtype == torch.float16)
+
+
 def ppo_update(
     unet,
     scheduler,
@@ -26,12 +58,15 @@ def ppo_update(
     eta: float,
     guidance_scale: float,
     generator: torch.Generator,
+    learner_version: int | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """PPO-clip over `train.num_inner_epochs` passes; one optimizer step per `train.batch_size` trajectories.
 
     `unet` may be wrapped in DistributedDataParallel: gradients are then all-reduced once per
     optimizer step, not once per denoising step. Each trajectory trains on its own random subset of
-    `timestep_fraction` of its steps, and each step keeps its own advantage.
+    `timestep_fraction` of its steps, and each step keeps its own advantage. A batch sampled by a
+    policy older than `learner_version` is trained with the decoupled (proximal) correction.
     """
     num_trajectories, num_steps = step_advantages.shape
     if num_trajectories != trajectories.batch_size or num_steps != trajectories.num_steps:
@@ -39,21 +74,28 @@ def ppo_update(
             f"step_advantages shape {tuple(step_advantages.shape)} does not match the trajectories "
             f"({trajectories.batch_size} x {trajectories.num_steps} steps)"
         )
+    base_unet = getattr(unet, "module", unet)
     device = next(unet.parameters()).device
     dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
     scheduler.set_timesteps(num_steps, device=device)
     steps_per_trajectory = max(1, math.ceil(num_steps * train.timestep_fraction))
-    base_unet = getattr(unet, "module", unet)
-    sums: dict[str, float] = {}
-    num_updates = 0
+    scaler = grad_scaler if grad_scaler is not None else make_grad_scaler(base_unet)
+    common = dict(eta=eta, guidance_scale=guidance_scale, device=device, dtype=dtype)
 
+    behaviour = trajectories.log_probs
+    old_log_probs, off_policy = behaviour, learner_version is not None and trajectories.policy_version < learner_version
+    if off_policy:
+        unet.eval()
+        old_log_probs = proximal_log_probs(base_unet, scheduler, trajectories, batch_size=train.batch_size, **common)
+
+    sums: dict[str, torch.Tensor] = {}
+    num_updates = skipped = 0
     unet.train()
     for _ in range(train.num_inner_epochs):
         order = torch.randperm(num_trajectories, generator=generator)
         for start in range(0, num_trajectories, train.batch_size):
             rows = order[start : start + train.batch_size]
             batch = trajectories.select(rows)
-            advantages = step_advantages[rows]
             # Each row trains on its own random subset of steps, with that step's own advantage.
             step_order = torch.stack([torch.randperm(num_steps, generator=generator) for _ in rows])
             row_index = torch.arange(len(rows))
@@ -64,37 +106,77 @@ def ppo_update(
                 last = j == steps_per_trajectory - 1
                 sync = contextlib.nullcontext() if last or not hasattr(unet, "no_sync") else unet.no_sync()
                 with sync:
-                    info = _step_loss(
-                        unet, base_unet, scheduler, batch, advantages, row_index, step, train,
-                        eta=eta, guidance_scale=guidance_scale, device=device, dtype=dtype,
-                        loss_scale=1.0 / steps_per_trajectory,
+                    loss, info = _step_loss(
+                        unet, base_unet, scheduler, batch, row_index, step, train,
+                        advantages=step_advantages[rows][row_index, step],
+                        old_log_probs=old_log_probs[rows][row_index, step],
+                        behaviour_log_probs=behaviour[rows][row_index, step] if off_policy else None, **common,
                     )
+                    scaler.scale(loss / steps_per_trajectory).backward()
                 for key, value in info.items():
                     sums[key] = sums.get(key, 0.0) + value / steps_per_trajectory
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-            optimizer.step()
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+            scaler.step(optimizer)  # skipped when a gradient overflowed
+            scaler.update()
+            if scaler.is_enabled() and scaler.get_scale() < scale:
+                skipped += 1
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach()
+            if num_updates == 0:  # the first step's clip fraction shows how stale the batch was
+                first_clipfrac = sums["clipfrac"].clone()
             num_updates += 1
     unet.eval()
-    return {key: value / num_updates for key, value in sums.items()} | {"optimizer_steps": num_updates}
+    # Read once per update: nothing above waits for the device.
+    result = {key: float(value) / num_updates for key, value in sums.items()}
+    return result | {"optimizer_steps": num_updates, "skipped_steps": skipped, "off_policy": float(off_policy),
+                     "first_step_clipfrac": float(first_clipfrac),
+                     "grad_scale": scaler.get_scale() if scaler.is_enabled() else 1.0}
 
 
-def _step_loss(unet, base_unet, scheduler, batch, advantages, row_index, step, train, *, eta, guidance_scale,
-               device, dtype, loss_scale) -> dict[str, float]:
-    """Forward + backward of one denoising step for every row of `batch`; returns its statistics."""
+def score_actions(unet, scheduler, batch: Trajectories, row_index, step, *, eta, guidance_scale, device, dtype):
+    """Log-prob [rows] of the stored action at step `step[i]` of row `row_index[i]` under the current
+    weights, and the guided model output it came from: the "score this action" call of PPO."""
     sample = batch.latents[row_index, step].to(device, dtype)
     prev_sample = batch.latents[row_index, step + 1].to(device, dtype)
     timesteps = batch.timesteps[step].to(device)
-    prompt_embeds = batch.prompt_embeds.to(device, dtype)
-    negative = None if batch.negative_prompt_embeds is None else batch.negative_prompt_embeds.to(device, dtype)
-
+    prompt_embeds = batch.prompt_embeds[row_index].to(device, dtype)
+    negative = None if batch.negative_prompt_embeds is None else batch.negative_prompt_embeds[row_index].to(device, dtype)
     noise_pred = predict_noise(unet, sample, timesteps, prompt_embeds, negative, guidance_scale)
     _, log_prob, _ = ddim_step_with_logprob(scheduler, noise_pred, timesteps, sample, eta, prev_sample=prev_sample)
-    old_log_prob = batch.log_probs[row_index, step].to(device)
-    loss, info = ppo_clip_loss(log_prob, old_log_prob, advantages[row_index, step].to(device),
-                               train.clip_range, train.adv_clip_max)
-    stats = {"policy_loss": float(loss.detach()), **{k: float(v) for k, v in info.items()}}
+    return log_prob, noise_pred
+
+
+@torch.no_grad()
+def proximal_log_probs(unet, scheduler, trajectories: Trajectories, *, batch_size: int, eta, guidance_scale,
+                       device, dtype) -> torch.Tensor:
+    """[B, T] log-probs of every stored action under the current weights (decoupled PPO's proximal policy)."""
+    num_rows, num_steps = trajectories.log_probs.shape
+    result = torch.empty(num_rows, num_steps)
+    for start in range(0, num_rows, batch_size):
+        rows = torch.arange(start, min(num_rows, start + batch_size))
+        for k in range(num_steps):
+            log_prob, _ = score_actions(unet, scheduler, trajectories, rows, torch.full_like(rows, k), eta=eta,
+                                        guidance_scale=guidance_scale, device=device, dtype=dtype)
+            result[rows, k] = log_prob.float().cpu()
+    return result
+
+
+def _step_loss(unet, base_unet, scheduler, batch, row_index, step, train, *, advantages, old_log_probs,
+               behaviour_log_probs, eta, guidance_scale, device, dtype) -> tuple[torch.Tensor, dict]:
+    """The loss of one denoising step for every row of `batch`, and its statistics (device tensors)."""
+    log_prob, noise_pred = score_actions(unet, scheduler, batch, row_index, step, eta=eta,
+                                         guidance_scale=guidance_scale, device=device, dtype=dtype)
+    loss, info = ppo_clip_loss(
+        log_prob, old_log_probs.to(device), advantages.to(device), train.clip_range, train.adv_clip_max,
+        behaviour_log_probs=None if behaviour_log_probs is None else behaviour_log_probs.to(device),
+    )
+    info = {"policy_loss": loss.detach(), **info}
     if train.kl_beta > 0:
+        sample = batch.latents[row_index, step].to(device, dtype)
+        timesteps = batch.timesteps[step].to(device)
+        prompt_embeds = batch.prompt_embeds[row_index].to(device, dtype)
+        negative = None if batch.negative_prompt_embeds is None else batch.negative_prompt_embeds[row_index].to(device, dtype)
         mean, std, _ = ddim_step_distribution(scheduler, noise_pred, timesteps, sample, eta)
         with torch.no_grad():
             base_unet.disable_adapters()
@@ -103,15 +185,7 @@ def _step_loss(unet, base_unet, scheduler, batch, advantages, row_index, step, t
             finally:
                 base_unet.enable_adapters()
             reference_mean, _, _ = ddim_step_distribution(scheduler, reference_pred, timesteps, sample, eta)
-        kl = gaussian_kl(mean.float(), reference_mean.float(), std.float()).mean()
+        kl = gaussian_kl(mean, reference_mean, std).mean()
         loss = loss + train.kl_beta * kl
-        stats["kl_to_reference"] = float(kl)
-    (loss * loss_scale).backward()
-    return stats
-
-
-def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        params, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
-        weight_decay=train.adam_weight_decay, eps=train.adam_epsilon,
-    )
+        info["kl_to_reference"] = kl.detach()
+    return loss, info

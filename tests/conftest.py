@@ -28,9 +28,11 @@ def _write_clip_bpe(folder) -> tuple[str, str]:
     return str(vocab_file), str(merges_file)
 
 
-def build_tiny_sd(folder, *, set_alpha_to_one: bool = False) -> str:
+def build_tiny_sd(folder, *, set_alpha_to_one: bool = False, sample_size: int = 8, vae: bool = True,
+                  **unet_options) -> str:
     """Save a Stable-Diffusion-1.5-shaped pipeline (VAE, UNet, CLIP text encoder and tokenizer, PNDM
-    scheduler), a few hundred kB, and return its folder."""
+    scheduler), a few hundred kB, and return its folder. `vae=False` leaves the VAE out (the pipeline
+    then diffuses in pixel space, as the embedded model does); `unet_options` override the UNet's."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -45,12 +47,13 @@ def build_tiny_sd(folder, *, set_alpha_to_one: bool = False) -> str:
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
-    )
+    ) if vae else None
+    unet = UNet2DConditionModel(**{
+        "sample_size": sample_size, "in_channels": 4, "out_channels": 4, "block_out_channels": (16, 32),
+        "layers_per_block": 1, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 32, "attention_head_dim": 4,
+        "norm_num_groups": 8, **unet_options,
+    })
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
         set_alpha_to_one=set_alpha_to_one, steps_offset=1,

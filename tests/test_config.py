@@ -41,6 +41,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("credit.window_size=3", r"^credit.window_size: 3 does not divide sample.num_steps=20"),
         ("credit.mode=dense", r"^credit.mode: unknown mode 'dense'; choose one of sparse, uniform, coca"),
         ("sample.eta=0", r"^sample.eta: must be > 0"),
+        ("cluster.max_policy_lag=2", r"^cluster.max_policy_lag: must be 0 \(sync, on-policy\) or 1"),
         ("sample.guidance_scale=0.5", r"^sample.guidance_scale: must be >= 1"),
         ("sample.batch_size=-4", r"^sample.batch_size: must be >= 1"),
         ("sample.prompts=/no/such/file.txt", r"^sample.prompts: file '/no/such/file.txt' does not exist"),

@@ -207,9 +207,25 @@ def test_fp16_keeps_schedule_terms_in_float32():
     sample, model_output = torch.randn(SHAPE), torch.randn(SHAPE)
     t = int(scheduler.timesteps[-2])
     _, std32, _ = ddim_step_distribution(scheduler, model_output, t, sample, 1.0)
-    mean16, std16, _ = ddim_step_distribution(scheduler, model_output.half(), t, sample.half(), 1.0)
-    assert mean16.dtype == torch.float16
+    mean16, std16, x0_16 = ddim_step_distribution(scheduler, model_output.half(), t, sample.half(), 1.0)
+    assert mean16.dtype == torch.float32 and x0_16.dtype == torch.float16
     torch.testing.assert_close(std16.float(), std32, rtol=1e-6, atol=0)
     prev, log_prob, _ = ddim_step_with_logprob(scheduler, model_output.half(), t, sample.half(), 1.0)
     assert prev.dtype == torch.float16 and log_prob.dtype == torch.float32
     assert torch.isfinite(log_prob).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_stores_the_action_it_scored(dtype):
+    # The sampled action is rounded to the sample's dtype before it is scored, so rescoring the
+    # stored action (PPO's path) gives exactly the stored log-prob; scoring the float32 point and
+    # storing its rounding put them ~1e-3 apart at late steps, ten times SD's clip range.
+    scheduler = make_scheduler()
+    torch.manual_seed(5)
+    sample, model_output = torch.randn(SHAPE).to(dtype), torch.randn(SHAPE).to(dtype)
+    for t in (int(scheduler.timesteps[0]), int(scheduler.timesteps[-1])):
+        prev, log_prob, _ = ddim_step_with_logprob(scheduler, model_output, t, sample, 1.0,
+                                                   generator=torch.Generator().manual_seed(1))
+        assert prev.dtype == dtype
+        _, rescored, _ = ddim_step_with_logprob(scheduler, model_output, t, sample, 1.0, prev_sample=prev)
+        assert torch.equal(rescored, log_prob)

@@ -3,9 +3,13 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import dense_rl
+
+TINY_MODEL = Path(dense_rl.__file__).parent / "assets" / "tiny-t2i"
 PROBE = (
     "import sys\n"
     "from dense_rl.launch import main\n"
@@ -155,3 +159,91 @@ def test_lora_file_check_accepts_what_save_lora_writes(tmp_path):
     pipe, _ = build_policy(config)
     save_lora(pipe.unet, tmp_path)
     check_lora_file(load_config(overrides=[f"lora.init_from={tmp_path}"]))
+
+
+# The model checks run last in preflight; the LoRA module check builds the UNet on the meta device, so
+# diffusers is imported for those cases (Ray still is not).
+PROBE_MODEL = PROBE_MANY.replace(
+    "assert 'diffusers' not in sys.modules, 'a model library was imported before the input was checked'\n", "")
+
+
+def test_a_model_not_on_disk_or_lora_modules_that_match_nothing_exit_before_ray(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))  # nothing downloaded, never any network
+    (tmp_path / "not-a-pipeline").mkdir()
+    cases = [
+        (["--set", "model.pretrained=/nonexistent"], "error: model.pretrained: /nonexistent does not exist; give a "
+         "diffusers pipeline folder"),
+        (["--set", f"model.pretrained={tmp_path / 'not-a-pipeline'}"],
+         f"error: model.pretrained: {tmp_path / 'not-a-pipeline'} has no model_index.json"),
+        (["--set", "model.pretrained=someone/not-downloaded"], "error: model.pretrained: 'someone/not-downloaded' is "
+         "not a local folder nor in the local Hugging Face cache, and runs never download; download it first"),
+        (["--set", "model.pretrained=embedded:huge"], "error: model.pretrained: there is no embedded model 'embedded:huge'"),
+        (["--set", "lora.target_modules=[to_q, to_kk]"], "error: lora.target_modules: 'to_kk' matches no module in "
+         "the UNet of embedded:tiny; layers LoRA can adapt are named e.g. to_q, to_k, to_v, to_out.0"),
+        (["--set", "lora.target_modules=[attn1]"], "error: lora.target_modules: 'attn1' names Attention modules, "
+         "which LoRA cannot adapt"),
+    ]
+    result = subprocess.run([sys.executable, "-c", PROBE_MODEL, json.dumps([argv for argv, _ in cases])],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for (argv, message), (code, stderr) in zip(cases, json.loads(result.stdout.splitlines()[-1])):
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(message), (argv, code, stderr)
+
+
+def test_a_hub_id_is_found_in_the_local_cache_without_network(tmp_path, monkeypatch):
+    """A hub id resolves to its snapshot in the Hugging Face cache (the layout hf download writes);
+    its UNet config is then what lora.target_modules is checked against."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from dense_rl.checks import check_target_modules, model_folder
+    from dense_rl.config import ConfigError, load_config
+
+    repo = tmp_path / "models--someone--tiny-t2i"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abc")
+    snapshot = repo / "snapshots" / "0123abc"
+    (snapshot / "unet").mkdir(parents=True)
+    shutil.copy(TINY_MODEL / "model_index.json", snapshot)
+    shutil.copy(TINY_MODEL / "unet" / "config.json", snapshot / "unet")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+
+    config = load_config(overrides=["model.pretrained=someone/tiny-t2i"])
+    assert model_folder(config) == snapshot
+    check_target_modules(config, snapshot)
+    typo = load_config(overrides=["model.pretrained=someone/tiny-t2i", "lora.target_modules=[to_v, too_k]"])
+    with pytest.raises(ConfigError, match=r"^lora.target_modules: 'too_k' matches no module in the UNet of someone/tiny-t2i"):
+        check_target_modules(typo, model_folder(typo))
+    with pytest.raises(ConfigError, match=r"^model.pretrained: 'someone/tiny-t2i' at revision v2 is not a local folder"):
+        model_folder(load_config(overrides=["model.pretrained=someone/tiny-t2i", "model.revision=v2"]))
+
+
+@pytest.mark.slow
+def test_an_actor_that_cannot_start_ends_the_run_at_once_with_the_cause(tmp_path):
+    """A model folder that passes preflight (its config files are fine) but whose UNet weights are
+    corrupt: the rollout actor's constructor fails, Ray does not restart it, and launch ends within
+    seconds of Ray starting with one line naming the role and the cause (one Ray start)."""
+    import shutil
+    import time
+
+    model = tmp_path / "corrupt-model"
+    shutil.copytree(TINY_MODEL, model)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "dense_rl.launch", "--quiet", "--set", f"model.pretrained={model}",
+         "--set", "cluster.address=local", "--set", f"run.output_dir={tmp_path}", "--set", "run.name=corrupt",
+         "--set", "cluster.num_rollout_workers=1", "--set", "cluster.num_learner_workers=1"],
+        capture_output=True, text=True, timeout=180,
+    )
+    seconds = time.monotonic() - started
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(
+        "error: rollout worker 0 could not start: OSError: Unable to load weights from checkpoint file for "
+        f"'{model / 'unet' / 'diffusion_pytorch_model.safetensors'}'"), errors[0]
+    assert "(cause: SafetensorError: Error while deserializing header" in errors[0], errors[0]
+    assert "check model.pretrained=" in errors[0] and "\n" not in errors[0]
+    assert seconds < 60, f"took {seconds:.0f} s"

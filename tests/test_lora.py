@@ -1,8 +1,12 @@
 """LoRA: starts as the base model, moves as tensors, exports a file diffusers loads."""
 
+import json
+
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from dense_rl.diffusion.pipeline import load_pipeline
 from dense_rl.lora import add_lora, load_lora_state_dict, lora_state_dict, read_lora_file, save_lora
@@ -87,3 +91,44 @@ def test_exported_file_loads_into_diffusers_and_changes_outputs(pipe, tiny_sd_di
 def test_missing_lora_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no LoRA weights"):
         read_lora_file(tmp_path)
+
+
+def _images(pipe, seed=0):
+    """diffusers' own pipeline call: same prompt, same noise, 3 DDIM steps."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return pipe(["a red seven", "a blue two"], num_inference_steps=3, guidance_scale=3.0, eta=1.0,
+                    generator=generator, output_type="pt").images
+
+
+def test_exported_lora_keeps_its_alpha_in_diffusers(pipe, tiny_sd_dir, tmp_path):
+    # alpha = 2 x rank: diffusers applies the adapter at scale 2 only if the file says so.
+    add_lora(pipe.unet, 4, 8.0, TARGETS)
+    _perturb(pipe.unet)
+    path = save_lora(pipe.unet, tmp_path / "lora")
+    with safe_open(str(path), framework="pt") as file:
+        stored = json.loads(file.metadata()["lora_adapter_metadata"])
+    assert stored["unet.r"] == 4 and stored["unet.lora_alpha"] == 8.0 and stored["unet.target_modules"] == sorted(TARGETS)
+
+    plain = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    plain.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # load_pipeline's DDIM, exactly
+    plain.set_progress_bar_config(disable=True)
+    base = _images(plain)
+    plain.load_lora_weights(str(tmp_path / "lora"))
+    ours = _images(pipe)
+    assert (ours - base).abs().max() > 1e-2  # the adapter visibly changes the image
+    torch.testing.assert_close(_images(plain), ours, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_files_without_metadata_still_read(pipe, tmp_path):
+    """Files written before the adapter metadata (or by other tools) load into our adapter as before."""
+    add_lora(pipe.unet, 4, 8.0, TARGETS)
+    _perturb(pipe.unet)
+    path = save_lora(pipe.unet, tmp_path / "with")
+    bare = tmp_path / "without" / path.name
+    bare.parent.mkdir()
+    save_file(load_file(str(path)), str(bare))  # same tensors, no metadata
+    for folder in (tmp_path / "with", tmp_path / "without"):
+        reread = read_lora_file(folder)
+        for key, value in lora_state_dict(pipe.unet).items():
+            torch.testing.assert_close(reread[key], value)

@@ -93,3 +93,23 @@ def test_gaussian_kl_closed_form():
     torch.testing.assert_close(gaussian_kl(mean_p, mean_q, std), reference)
     with pytest.raises(ValueError, match="same shape"):
         gaussian_kl(mean_p, mean_q[:2], std)
+
+
+def test_decoupled_loss_clips_around_the_proximal_policy_and_weights_by_the_behaviour_ratio():
+    proximal = torch.tensor([-1.0, -2.0, 0.5])
+    behaviour = proximal - torch.tensor([0.1, -0.2, 0.0])  # the sampler's policy, one version older
+    log_probs = (proximal + torch.tensor([0.0, math.log(1.5), 0.0])).requires_grad_(True)
+    advantages = torch.tensor([1.0, 2.0, -1.0])
+    loss, info = ppo_clip_loss(log_probs, proximal, advantages, CLIP, 10.0, behaviour_log_probs=behaviour)
+    loss.backward()
+    weights = torch.exp(proximal - behaviour)
+    ratios = torch.tensor([1.0, 1.5, 1.0])
+    surrogate = torch.maximum(-advantages * ratios, -advantages * ratios.clamp(1 - CLIP, 1 + CLIP))
+    assert loss.item() == pytest.approx(float((weights * surrogate).mean()))
+    # Row 1 is clipped around the proximal policy (1.5 > 1 + eps, A > 0): no gradient; the others get -w A r / n.
+    torch.testing.assert_close(log_probs.grad, torch.stack([-weights[0] * 1.0, torch.tensor(0.0), weights[2] * 1.0]) / 3)
+    assert info["importance_weight"].item() == pytest.approx(float(weights.mean()))
+    assert info["clipfrac"].item() == pytest.approx(1 / 3)
+    # Without a behaviour policy it is DDPO's loss, weight 1.
+    plain, plain_info = ppo_clip_loss(log_probs.detach(), proximal, advantages, CLIP, 10.0)
+    assert plain.item() == pytest.approx(float(surrogate.mean())) and plain_info["importance_weight"].item() == 1.0

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from dense_rl.checkpoint import DriverState
 from dense_rl.config import ConfigError, load_config
-from dense_rl.driver import DriverState
 from dense_rl.registry import (
     REDIS_PASSWORD_ENV, REDIS_URL_ENV, FileRegistry, RedisRegistry, RegistryUnavailable, RunTracker,
     registered_run_uri,

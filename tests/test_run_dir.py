@@ -1,8 +1,8 @@
-"""The run directory: any pyarrow filesystem URI, whole files only, optimizer state without pickle."""
+"""The run directory: any pyarrow filesystem URI, whole files only (optimizer state: test_checkpoint.py)."""
 
 import torch
 
-from dense_rl.run_dir import RunDir, optimizer_from_tensors, optimizer_to_tensors
+from dense_rl.run_dir import RunDir
 
 
 def test_uri_and_plain_path_reach_the_same_files(tmp_path):
@@ -23,26 +23,21 @@ def test_writes_leave_no_temporary_files(tmp_path):
     assert torch.equal(tensors["w"], torch.arange(4.0)) and metadata == {"k": "v"}
 
 
+def test_listing_skips_writes_in_progress(tmp_path):
+    run = RunDir(str(tmp_path))
+    assert run.list_files("history") == []
+    run.write_bytes("history/b.yaml", b"b")
+    run.write_bytes("history/a.yaml", b"a")
+    (tmp_path / "history" / "c.yaml.tmp-1234abcd").write_bytes(b"half")
+    (tmp_path / "history" / "folder").mkdir()
+    assert run.list_files("history") == ["a.yaml", "b.yaml"]
+
+
 def test_latest_checkpoint_pointer(tmp_path):
     run = RunDir(str(tmp_path))
     assert run.latest_checkpoint() is None
     run.mark_latest(3, "checkpoints/fit/epoch-0003")
     assert run.latest_checkpoint() == {"epoch": 3, "path": "checkpoints/fit/epoch-0003"}
-
-
-def test_optimizer_state_round_trip():
-    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    for _ in range(2):
-        optimizer.zero_grad()
-        sum((p**2).sum() for p in params).backward()
-        optimizer.step()
-    tensors, metadata = optimizer_to_tensors(optimizer)
-    twin = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=5.0)
-    twin.load_state_dict(optimizer_from_tensors(tensors, metadata))
-    assert twin.param_groups[0]["lr"] == 1e-3
-    for key in ("exp_avg", "exp_avg_sq", "step"):
-        torch.testing.assert_close(twin.state[twin.param_groups[0]["params"][0]][key], optimizer.state[params[0]][key])
 
 
 def test_unwritable_directory_is_named(tmp_path):

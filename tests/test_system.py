@@ -97,3 +97,27 @@ def test_async_mode_trains_on_samples_at_most_one_version_old(tmp_path):
     versions = [{row["policy_version"] for row in run.read_table(f"samples/epoch-{e:04d}.parquet")} for e in range(3)]
     # Epoch k + 1 is sampled while the learner makes version k + 1, so with weights of version k.
     assert versions == [{0}, {0}, {1}]
+
+
+def test_set_weights_does_not_wait_behind_queued_generates(tmp_path):
+    """set_weights runs in its own concurrency group: it returns while generate calls are still queued,
+    and every batch that starts after it samples with the new weights."""
+    import ray
+
+    from dense_rl.roles.rollout import RolloutWorker
+
+    worker = RolloutWorker.options(num_cpus=1).remote(small_config(tmp_path), 1)
+    try:
+        ray.get(worker.pid.remote())
+        _, state = ray.get(worker.weights.remote())
+        new_state = {key: value + 0.01 for key, value in state.items()}
+        generates = [worker.generate.remote(["a red digit seven"] * 8, seed) for seed in range(3)]
+        ray.get(worker.set_weights.remote(5, [ray.put(new_state)]))
+        ready, _ = ray.wait(generates, num_returns=3, timeout=0)
+        assert len(ready) < 3, "set_weights waited for the queued generate calls"
+        versions = [batch.policy_version for batch in ray.get(generates)]
+        assert versions == sorted(versions) and versions[-1] == 5
+        version, held = ray.get(worker.weights.remote())
+        assert version == 5 and all(torch.equal(held[key], new_state[key]) for key in new_state)
+    finally:
+        ray.kill(worker)

@@ -102,7 +102,8 @@ def credit_compute_seconds(config, repeats: int) -> dict[str, float]:
 
 
 def ray_system(config) -> dict:
-    """Train with the Ray system (a private instance); per-epoch wall time between epoch ends."""
+    """Train with the Ray system (a private instance); per-epoch wall time between epoch ends, and the
+    reward curve against those times (learning per wall-clock second, not only samples per second)."""
     from dense_rl.launch import run_system
 
     ends = []
@@ -114,7 +115,18 @@ def ray_system(config) -> dict:
             "between_epoch_ends": [b - a for a, b in zip(ends, ends[1:])],
             "seconds_sample_and_score": [m["seconds_sample_and_score"] for m in history],
             "seconds_learn_and_sync": [m["seconds_learn_and_sync"] for m in history],
+            "reward_mean": [m["reward_mean"] for m in history],
+            "seconds_at_epoch_end": [end - ends[0] for end in ends],
             "samples_per_epoch": config.samples_per_epoch}
+
+
+def reward_gain(run: dict) -> dict:
+    """Reward gained from the first epoch's end to the last, per wall-clock second and per sample
+    (start-up excluded: both modes pay it alike)."""
+    gain = run["reward_mean"][-1] - run["reward_mean"][0]
+    seconds = run["seconds_at_epoch_end"][-1]
+    samples = run["samples_per_epoch"] * (len(run["reward_mean"]) - 1)
+    return {"reward_gain": gain, "per_second": gain / max(seconds, 1e-9), "per_sample": gain / max(samples, 1)}
 
 
 def sd15_lora_state(rank: int = 4) -> dict[str, torch.Tensor]:
@@ -202,6 +214,10 @@ def broadcast_and_bytes(config, repeats: int) -> dict:
 # ---------------------------------------------------------------------------------------- report
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")  # sync that learned nothing: no meaningful ratio
+
+
 def plot(results: dict, path) -> None:
     plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
@@ -271,6 +287,7 @@ def main(argv=None) -> int:
         wall = run["between_epoch_ends"]
         run["steady_epoch_seconds"] = statistics.median(wall) if wall else steady(run["epoch_seconds"])
         run["trajectories_per_second"] = samples / run["steady_epoch_seconds"]
+        run["learning"] = reward_gain(run)
         results["ray"][mode] = run
         report["results"] = results
     results["broadcast_and_bytes"] = stage(stages[5], lambda: broadcast_and_bytes(config_for(), repeats))
@@ -285,6 +302,9 @@ def main(argv=None) -> int:
         "credit_compute_coca_over_sparse": credit["coca"] / credit["sparse"],
         "ray_sync_over_in_process_throughput": ray_runs["sync"]["trajectories_per_second"] / inproc["coca"]["trajectories_per_second"],
         "async_over_sync_throughput": ray_runs["async"]["trajectories_per_second"] / ray_runs["sync"]["trajectories_per_second"],
+        # Noisy over a few epochs of one seed: read beside the sample-efficiency benchmark.
+        "async_over_sync_reward_gain_per_second": _ratio(ray_runs["async"]["learning"]["per_second"],
+                                                          ray_runs["sync"]["learning"]["per_second"]),
         "broadcast_tiny_share_of_ray_epoch": bcast["tiny"]["seconds_median"] / sync_epoch,
         "broadcast_sd15_share_of_tiny_ray_epoch": bcast["sd15_rank4"]["seconds_median"] / sync_epoch,
     }
@@ -304,6 +324,9 @@ def main(argv=None) -> int:
          f"{ray_runs['sync']['trajectories_per_second']:.2f} vs {inproc['coca']['trajectories_per_second']:.2f} traj/s"),
         ("async / sync trajectories per s (Ray)", ratios["async_over_sync_throughput"],
          f"{ray_runs['async']['trajectories_per_second']:.2f} vs {ray_runs['sync']['trajectories_per_second']:.2f} traj/s"),
+        ("async / sync reward gained per wall-clock s (Ray)", ratios["async_over_sync_reward_gain_per_second"],
+         f"{ray_runs['async']['learning']['reward_gain']:+.3f} vs {ray_runs['sync']['learning']['reward_gain']:+.3f} reward "
+         f"over {ray_runs['async']['seconds_at_epoch_end'][-1]:.0f} s vs {ray_runs['sync']['seconds_at_epoch_end'][-1]:.0f} s"),
         ("broadcast tiny LoRA, share of a Ray epoch", ratios["broadcast_tiny_share_of_ray_epoch"],
          f"{bcast['tiny']['seconds_median'] * 1e3:.1f} ms, {bcast['tiny']['bytes'] / 1024:.0f} KiB to {bcast['tiny']['workers']} actors"),
         ("broadcast SD 1.5 rank-4 LoRA, share of a tiny Ray epoch", ratios["broadcast_sd15_share_of_tiny_ray_epoch"],

@@ -40,7 +40,11 @@ def ddim_step_distribution(
     sample: torch.Tensor,
     eta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The reverse step's Gaussian: returns (mean, std [B,1,..] in float32, predicted x0)."""
+    """The reverse step's Gaussian: returns (mean and std [B,1,..] in float32, predicted x0 in the sample's dtype).
+
+    The arithmetic runs in float32 whatever the model's dtype, so sampling and PPO's rescoring of the
+    same step compute the same mean, and the mean's gradient reaches the model output in float32.
+    """
     if scheduler.num_inference_steps is None:
         raise ValueError("scheduler has no timesteps: call scheduler.set_timesteps(num_steps) first")
     if model_output.shape != sample.shape:
@@ -49,11 +53,12 @@ def ddim_step_distribution(
         )
     config = scheduler.config
     t = _timesteps_per_row(timestep, sample)
+    dtype = sample.dtype
+    sample, model_output = sample.float(), model_output.float()
     prev_t = t - config.num_train_timesteps // scheduler.num_inference_steps
 
-    # Schedule terms stay float32 [B] even for fp16 samples: near the end of sampling
-    # alpha_t / alpha_prev is within 1e-3 of 1, and fp16 rounding of it would put the step's
-    # variance off by tens of percent. They are cast to the sample's dtype only where they scale it.
+    # Schedule terms are float32 [B]: near the end of sampling alpha_t / alpha_prev is within 1e-3
+    # of 1, and fp16 rounding of it would put the step's variance off by tens of percent.
     alphas_cumprod = scheduler.alphas_cumprod.to(device=sample.device, dtype=torch.float32)
     alpha_prod_t = alphas_cumprod[t.clamp(0, len(alphas_cumprod) - 1)]
     final_alpha = torch.as_tensor(scheduler.final_alpha_cumprod, device=sample.device, dtype=torch.float32)
@@ -75,7 +80,7 @@ def ddim_step_distribution(
         raise ValueError(f"unsupported prediction_type {config.prediction_type!r}")
 
     if config.thresholding:
-        pred_x0 = scheduler._threshold_sample(pred_x0)
+        pred_x0 = scheduler._threshold_sample(pred_x0)  # computes in float32 itself
     elif config.clip_sample:
         pred_x0 = pred_x0.clamp(-config.clip_sample_range, config.clip_sample_range)
 
@@ -83,8 +88,8 @@ def ddim_step_distribution(
     std = eta * variance.clamp(min=0).sqrt()
     direction_coef = (1 - alpha_prod_prev - std**2).clamp(min=0).sqrt()
     mean = _per_row(alpha_prod_prev.sqrt(), sample) * pred_x0 + _per_row(direction_coef, sample) * pred_eps
-    std = std.reshape(std.shape + (1,) * (sample.ndim - 1))  # float32, broadcastable against the sample
-    return mean, std, pred_x0
+    std = std.reshape(std.shape + (1,) * (sample.ndim - 1))  # broadcastable against the sample
+    return mean, std, pred_x0.to(dtype)
 
 
 def ddim_step_with_logprob(
@@ -113,17 +118,18 @@ def ddim_step_with_logprob(
         )
 
     if prev_sample is None:
+        # The action is rounded to the sample's dtype *before* it is scored: that rounded value is what
+        # is stored and what PPO rescores later, so its log-prob must be the stored one.
         noise = _randn_like(mean, generator)
-        prev_sample = mean + std * noise
+        prev_sample = (mean + std * noise).to(sample.dtype)
     elif prev_sample.shape != sample.shape:
         raise ValueError(
             f"prev_sample shape {tuple(prev_sample.shape)} does not match sample shape {tuple(sample.shape)}"
         )
 
     # Gaussian log-density in float32 (fp16 squares overflow), averaged over non-batch dims.
-    std32 = std.float()
-    diff = prev_sample.detach().float() - mean.float()
-    log_prob = -(diff**2) / (2 * std32**2) - torch.log(std32) - _LOG_SQRT_2PI
+    diff = prev_sample.detach().float() - mean
+    log_prob = -(diff**2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
     log_prob = log_prob.mean(dim=tuple(range(1, sample.ndim)))
     return prev_sample.to(sample.dtype), log_prob, pred_x0
 

@@ -1,4 +1,5 @@
-"""Reward functions: `reward(images [B,3,H,W] in [0,1], prompts) -> float32 [B]`, built by name.
+"""Reward functions: `reward(images [B,3,H,W] in [0,1], prompts) -> float [B]`, built by name; an
+output of another type or shape is refused with the reward's name (`checked_rewards`).
 
 Each backend lives in its own module and is imported only when built, so validating a config never
 loads a model.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Protocol
 
+import numpy as np
 import torch
 
 # name -> (module, class)
@@ -62,27 +64,38 @@ class WeightedRewards:
         for name, reward in self.rewards.items():
             try:
                 chaos.strike("reward", version, name=name)
-                components[name] = torch.as_tensor(reward(images, prompts)).float().cpu()
+                value = reward(images, prompts)
             except Exception as error:  # named here, so the run's error says which reward failed
                 raise RewardFailed(name, error) from error
+            components[name] = checked_rewards(name, value, len(prompts))
         total = sum(self.weights[name] * value for name, value in components.items())
         return total, components
 
 
-class RewardFailed(RuntimeError):
-    """A reward model raised; the message names the reward and the cause."""
+def checked_rewards(name: str, value, batch_size: int) -> torch.Tensor:
+    """A reward's output as float32 [B] on CPU, or RewardFailed naming what it returned. NaN and +-inf
+    pass: they mark a sample without a usable reward, which the update leaves out (finite_rewards)."""
+    if isinstance(value, np.ndarray):
+        floating, shape, dtype = np.issubdtype(value.dtype, np.floating), tuple(value.shape), str(value.dtype)
+    elif isinstance(value, torch.Tensor):
+        floating, shape, dtype = value.is_floating_point(), tuple(value.shape), str(value.dtype).removeprefix("torch.")
+    else:
+        raise RewardFailed(name, f"returned a {type(value).__name__}; expected a float tensor of shape [{batch_size}]")
+    if not floating or shape != (batch_size,):
+        raise RewardFailed(name, f"returned a {type(value).__name__} of dtype {dtype} and shape {list(shape)}; expected "
+                                 f"a float tensor of shape [{batch_size}] (one reward per image)")
+    return torch.as_tensor(value).detach().float().cpu()
 
-    def __init__(self, name: str, cause: BaseException):
-        super().__init__(f"reward {name!r} raised {type(cause).__name__}: {cause}")
-        self.name = name
-        self.cause_text = f"{type(cause).__name__}: {cause}"
+
+class RewardFailed(RuntimeError):
+    """A reward model raised, or returned something that is not a reward per image; the message names
+    the reward and what happened (`what`: an exception, or a description of the bad output)."""
+
+    def __init__(self, name: str, what: BaseException | str):
+        if isinstance(what, BaseException):
+            what = f"raised {type(what).__name__}: {what}"
+        super().__init__(f"reward {name!r} {what}")
+        self.name, self.what = name, what
 
     def __reduce__(self):  # picklable across Ray processes with the same message
-        return _rebuild_reward_failed, (self.name, self.cause_text)
-
-
-def _rebuild_reward_failed(name: str, cause_text: str) -> "RewardFailed":
-    error = RewardFailed.__new__(RewardFailed)
-    RuntimeError.__init__(error, f"reward {name!r} raised {cause_text}")
-    error.name, error.cause_text = name, cause_text
-    return error
+        return RewardFailed, (self.name, self.what)

@@ -2,9 +2,10 @@
 PPO on the LoRA parameters.
 
 The driver hands each rank its share of an epoch through a per-rank queue. After the update, rank 0
-publishes the new LoRA state once (`ray.put`) to every RolloutWorker, saves a checkpoint through
-`ray.train.report` straight into the run directory, and tells the driver. `trainer.fit()` blocks, so
-it runs in a background thread of the driver.
+publishes the new LoRA state once (`ray.put`) to every RolloutWorker, writes its checkpoint files
+(LoRA, optimizer: dense_rl/checkpoint.py) straight into the run directory, hands that folder to
+`ray.train.report`, and tells the driver. `trainer.fit()` blocks, so it runs in a background thread
+of the driver.
 
 A learner worker that dies makes Ray Train (FailureConfig) restart the whole group from its last
 checkpoint. The new group announces the version it restored (LearnerStarted) and publishes those
@@ -17,20 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 from ray.util.queue import Empty, Queue
 
+from dense_rl.checkpoint import checkpoint_name, checkpoint_version, restore_learner, write_learner_files
 from dense_rl.config import Config
+from dense_rl.errors import RunFailed
 from dense_rl.run_dir import CHECKPOINTS
+from dense_rl.seeds import update_seed
 
-OPTIMIZER_FILE = "optimizer.safetensors"
 log = logging.getLogger("dense_rl")
 
 
@@ -53,14 +53,9 @@ class LearnerStarted:
 @dataclass
 class Work:
     epoch: int
-    pieces: list  # (ObjectRef of Trajectories, row slice)
+    pieces: list  # (ObjectRef of Trajectories, row indices in that batch)
     step_advantages: torch.Tensor
     start_checkpoint: str | None  # the checkpoint of version `epoch`, for a group that is not there
-
-
-def checkpoint_version(path: str) -> int:
-    """epoch-000k -> k (the folder names this module gives its checkpoints)."""
-    return int(path.rstrip("/").rsplit("/", 1)[-1].removeprefix("epoch-"))
 
 
 def next_work(inbox: Queue):
@@ -88,9 +83,28 @@ def publish(version: int, state: dict, rollout_workers: list) -> list:
     return [weights]
 
 
-def update_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of a rank's minibatch and timestep shuffles in one epoch (no RNG state to checkpoint)."""
-    return int(np.random.SeedSequence([seed, epoch, rank, 1]).generate_state(1)[0])
+def rank_shares(rows: list[int], num_ranks: int, rows_per_batch: int, epoch: int) -> tuple[int, list[list]]:
+    """Split an epoch's kept rows (ascending) into equal consecutive shares, one per rank: returns the
+    share size and, per rank, its pieces [(rollout batch index, row indices in that batch)].
+
+    DDP needs every rank to take the same number of optimizer steps (each one all-reduces), so each
+    rank gets len(rows) // num_ranks rows and the last few rows (fewer than the rank count) are left
+    out of this update. Equal shares give equal minibatch counts, a partial last one included.
+    """
+    share = len(rows) // num_ranks
+    if share == 0:
+        raise RunFailed(f"rewards: epoch {epoch} has {len(rows)} samples with a finite reward, fewer than "
+                        f"cluster.num_learner_workers={num_ranks}; check the reward model")
+    if share * num_ranks < len(rows):
+        log.info("epoch %d: %d of %d samples left out of the update so each of the %d learner ranks trains on %d",
+                 epoch, len(rows) - share * num_ranks, len(rows), num_ranks, share)
+    shares = []
+    for rank in range(num_ranks):
+        pieces: dict[int, list[int]] = {}
+        for row in rows[rank * share:(rank + 1) * share]:
+            pieces.setdefault(row // rows_per_batch, []).append(row % rows_per_batch)
+        shares.append(sorted(pieces.items()))
+    return share, shares
 
 
 def learner_loop(loop_config: dict) -> None:
@@ -100,12 +114,11 @@ def learner_loop(loop_config: dict) -> None:
 
     from dense_rl import chaos, metrics
     from dense_rl.diffusion.sampler import Trajectories
-    from dense_rl.lora import LORA_FILE, load_lora_state_dict, lora_state_dict, save_lora
+    from dense_rl.lora import lora_state_dict
     from dense_rl.loop import build_policy
     from dense_rl.roles.rollout import use_actor_cpus
-    from dense_rl.run_dir import RunDir, optimizer_from_tensors, optimizer_to_tensors
-    from dense_rl.run_record import read_lora_bytes
-    from dense_rl.update import make_optimizer, ppo_update
+    from dense_rl.run_dir import RunDir
+    from dense_rl.update import make_grad_scaler, make_optimizer, ppo_update
 
     config: Config = loop_config["config"]
     context = ray.train.get_context()
@@ -116,12 +129,13 @@ def learner_loop(loop_config: dict) -> None:
 
     pipe, params = build_policy(policy_config)
     optimizer = make_optimizer(params, config.train)
+    grad_scaler = make_grad_scaler(pipe.unet)  # float16 only; its scale carries over between epochs
     run = RunDir(loop_config["run_uri"])
 
-    # Restore: Ray Train's own checkpoint after a worker failure, else the run's resume point.
+    # Restore: Ray Train's own checkpoint after a worker failure, else the run's resume point; the
+    # optimizer keeps this session's train.* values (a resume may change them).
     def restore(folder: RunDir) -> None:
-        load_lora_state_dict(pipe.unet, read_lora_bytes(folder, LORA_FILE))
-        optimizer.load_state_dict(optimizer_from_tensors(*folder.read_tensors_and_metadata(OPTIMIZER_FILE)))
+        restore_learner(folder, pipe.unet, optimizer, config.train)
 
     version, saved = loop_config["start_version"], loop_config["resume_from"]
     checkpoint = ray.train.get_checkpoint()
@@ -129,7 +143,7 @@ def learner_loop(loop_config: dict) -> None:
         with checkpoint.as_directory() as folder:
             restore(RunDir(folder))
         version = checkpoint_version(checkpoint.path)
-        saved = f"{loop_config['checkpoint_prefix']}/epoch-{version:04d}"
+        saved = f"{loop_config['checkpoint_prefix']}/{checkpoint_name(version)}"
     elif saved is not None:
         restore(run.child(saved))
 
@@ -167,6 +181,7 @@ def learner_loop(loop_config: dict) -> None:
             unet, pipe.scheduler, optimizer, params, trajectories, step_advantages, train_config,
             eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
             generator=torch.Generator().manual_seed(update_seed(config.run.seed, epoch, rank)),
+            learner_version=version, grad_scaler=grad_scaler,
         )
         info["step_seconds"] = time.perf_counter() - started
         metrics.record_learner_update(rank, info, info["step_seconds"])
@@ -182,14 +197,10 @@ def learner_loop(loop_config: dict) -> None:
                                             sum(t.numel() * t.element_size() for t in state.values()))
         # Every rank reports (it is a barrier); only rank 0 attaches the checkpoint.
         if save and rank == 0:
-            folder_name = f"epoch-{version:04d}"
+            folder_name = checkpoint_name(version)
             # Written in place through RunDir (temporary name, then rename: no file is ever seen half
             # written), then handed to Ray Train as a checkpoint it needs not copy.
-            folder = run.child(f"{loop_config['checkpoint_prefix']}/{folder_name}")
-            with tempfile.TemporaryDirectory() as scratch:
-                save_lora(pipe.unet, scratch)
-                folder.write_bytes(LORA_FILE, (Path(scratch) / LORA_FILE).read_bytes())
-            folder.write_tensors(OPTIMIZER_FILE, *optimizer_to_tensors(optimizer))
+            write_learner_files(run.child(f"{loop_config['checkpoint_prefix']}/{folder_name}"), pipe.unet, optimizer)
             storage = ray.train.get_context().get_storage()
             checkpoint_in_place = ray.train.Checkpoint(f"{storage.experiment_fs_path}/{folder_name}",
                                                        filesystem=storage.storage_filesystem)
@@ -199,7 +210,7 @@ def learner_loop(loop_config: dict) -> None:
             ray.train.report(info)
         if rank == 0:
             if save:
-                saved = f"{loop_config['checkpoint_prefix']}/epoch-{version:04d}"
+                saved = f"{loop_config['checkpoint_prefix']}/{checkpoint_name(version)}"
             outbox.put(LearnerResult(version, info, saved if save else None, weights))
 
 
@@ -213,6 +224,7 @@ class LearnerGroup:
 
         cluster = config.cluster
         self.num_workers = cluster.num_learner_workers
+        self.rows_per_batch = config.sample.batch_size  # rows of each rollout batch
         self.inboxes = [Queue(actor_options={"num_cpus": 0}) for _ in range(self.num_workers)]
         self.outbox = Queue(actor_options={"num_cpus": 0})
         resources = {"CPU": cluster.learner_cpus, **cluster.custom_resources("learner")}
@@ -250,23 +262,17 @@ class LearnerGroup:
         except BaseException as error:  # surfaced to the driver in wait()
             self.error = error
 
-    def submit(self, epoch: int, trajectory_refs: list, step_advantages: torch.Tensor) -> None:
-        """Split the epoch's rows evenly across ranks, as (ObjectRef, row slice) pieces."""
+    def submit(self, epoch: int, trajectory_refs: list, step_advantages: torch.Tensor, rows: list[int]) -> None:
+        """Hand each rank its equal share of the rows to train on (`rows`: ascending indices into the
+        epoch, those with a finite reward; `step_advantages`: one row each), as (ObjectRef, row indices)."""
+        share, shares = rank_shares(rows, self.num_workers, self.rows_per_batch, epoch)
         version, folder = self.start_point
         start_checkpoint = folder if version == epoch else None
         self.served = []
-        total = step_advantages.shape[0]
-        batch_size = total // len(trajectory_refs)  # every rollout batch has the same size
-        share = total // self.num_workers
-        for rank in range(self.num_workers):
-            start, stop = rank * share, (rank + 1) * share
-            pieces = []
-            for index, ref in enumerate(trajectory_refs):
-                first = index * batch_size
-                lo, hi = max(start, first), min(stop, first + batch_size)
-                if lo < hi:
-                    pieces.append((ref, slice(lo - first, hi - first)))
-            self.served.append(Work(epoch, pieces, step_advantages[start:stop].clone(), start_checkpoint))
+        for rank, pieces in enumerate(shares):
+            advantages = step_advantages[rank * share:(rank + 1) * share].clone()
+            self.served.append(Work(epoch, [(trajectory_refs[batch], local) for batch, local in pieces], advantages,
+                                    start_checkpoint))
         self._serve()
 
     def _serve(self) -> None:

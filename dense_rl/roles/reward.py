@@ -11,6 +11,7 @@ import torch
 from dense_rl import metrics
 from dense_rl.config import Config
 from dense_rl.diffusion.sampler import Trajectories
+from dense_rl.errors import start_errors
 from dense_rl.roles.rollout import use_actor_cpus
 from dense_rl.scoring import Scores, score_trajectories
 
@@ -27,6 +28,7 @@ class ScoredBatch:
 
 @ray.remote
 class RewardWorker:
+    @start_errors  # a failed start reaches the driver as one line (errors.py)
     def __init__(self, config: Config, num_cpus: float = 1.0, preview_count: int = 8):
         from dense_rl.rewards import WeightedRewards
 

@@ -1,7 +1,13 @@
-"""RolloutWorker: holds the pipeline and its LoRA adapter, samples trajectory batches."""
+"""RolloutWorker: holds the pipeline and its LoRA adapter, samples trajectory batches.
+
+`set_weights` runs in its own concurrency group, beside a `generate` in progress rather than queued
+behind it: it fetches the new LoRA state and parks it, and the next `generate` swaps it in before it
+samples. So a broadcast costs what the transfer costs, and no trajectory mixes two policy versions.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import ray
@@ -11,6 +17,7 @@ from dense_rl import metrics
 
 from dense_rl.config import Config
 from dense_rl.diffusion.sampler import Trajectories, sample_trajectories
+from dense_rl.errors import start_errors
 from dense_rl.lora import load_lora_state_dict, lora_state_dict
 
 
@@ -19,8 +26,9 @@ def use_actor_cpus(num_cpus: float) -> None:
     torch.set_num_threads(max(1, int(num_cpus)))
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"weights": 1})
 class RolloutWorker:
+    @start_errors  # a failed start reaches the driver as one line (errors.py)
     def __init__(self, config: Config, num_cpus: float = 1.0):
         from dense_rl.loop import build_policy  # imported in the actor, not at driver import time
 
@@ -28,21 +36,37 @@ class RolloutWorker:
         self.config = config
         self.pipe, _ = build_policy(config)
         self.version = 0
+        self._pending: tuple[int, dict] | None = None  # weights received, not yet swapped in
+        self._pending_lock = threading.Lock()
         metrics.record_policy_version("rollout", self.version)
 
+    @ray.method(concurrency_group="weights")
     def set_weights(self, version: int, weights: list) -> int:
-        """Swap in LoRA state `weights[0]` (an ObjectRef wrapped in a list so Ray does not resolve it
-        before this call is scheduled) and tag later samples with `version`."""
+        """Receive LoRA state `weights[0]` (an ObjectRef wrapped in a list so Ray does not resolve it
+        before this call is scheduled) for samples after this call to use, tagged with `version`.
+        Every `generate` that starts after this returns samples with these weights."""
         state = ray.get(weights[0]) if isinstance(weights[0], ray.ObjectRef) else weights[0]
-        load_lora_state_dict(self.pipe.unet, state)
-        self.version = version
-        metrics.record_policy_version("rollout", version)
+        with self._pending_lock:
+            self._pending = (version, state)
         return version
 
-    def generate(self, prompts: list[str], seed: int) -> Trajectories:
-        """One batch; the seed, not the worker, decides the noise, so any worker gives the same batch."""
+    def _swap_in_pending(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            load_lora_state_dict(self.pipe.unet, pending[1])
+            self.version = pending[0]
+            metrics.record_policy_version("rollout", self.version)
+
+    def generate(self, prompts: list[str], seed: int, weights: tuple[int, list] | None = None) -> Trajectories:
+        """One batch; the seed, not the worker, decides the noise, so any worker gives the same batch.
+        `weights` (version, [ObjectRef]) are swapped in first: calls in different concurrency groups
+        run in no fixed order, so a caller that needs this batch on given weights passes them here."""
         from dense_rl import chaos
 
+        if weights is not None:
+            self.set_weights(*weights)
+        self._swap_in_pending()
         chaos.strike("rollout", self.version)
         sample = self.config.sample
         started = time.perf_counter()
@@ -61,4 +85,5 @@ class RolloutWorker:
 
     def weights(self) -> tuple[int, dict]:
         """(version, LoRA state): lets tests and the driver check what this worker samples with."""
+        self._swap_in_pending()
         return self.version, lora_state_dict(self.pipe.unet)

@@ -1,0 +1,234 @@
+"""ppo_update on its own: the KL penalty's gradient, timestep_fraction, inner epochs, the decoupled
+off-policy correction, and DDP over 2 gloo ranks giving the one-process gradient."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dense_rl.config import TrainConfig
+from dense_rl.diffusion.pipeline import load_pipeline
+from dense_rl.diffusion.sampler import Trajectories, sample_trajectories
+from dense_rl.lora import add_lora
+from dense_rl.update import ppo_update
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+PROMPTS = ["a red cat", "a blue dog", "a cat", "a dog"]
+STEPS = 4
+# No clipping, no gradient clipping: the tests compare raw gradients.
+TRAIN = TrainConfig(batch_size=4, clip_range=10.0, adv_clip_max=10.0, max_grad_norm=1e9)
+
+
+class GradientRecorder(torch.optim.SGD):
+    """An optimizer that changes nothing and keeps the gradient of every step it is asked to take."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.grads: list[torch.Tensor] = []
+
+    def step(self, closure=None):
+        self.grads.append(torch.cat([p.grad.flatten().clone() for p in self.param_groups[0]["params"]]))
+
+
+def policy(folder, seed=0, lora_scale=0.3):
+    """The tiny SD pipeline with a LoRA whose B weights are non-zero (so the policy differs from the base)."""
+    pipe = load_pipeline(folder)
+    torch.manual_seed(seed)
+    params = add_lora(pipe.unet, 4, 4.0, TARGETS)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * lora_scale)
+    return pipe, params
+
+
+def sample(pipe, guidance_scale=1.0, seed=0) -> Trajectories:
+    return sample_trajectories(pipe, PROMPTS, num_steps=STEPS, guidance_scale=guidance_scale, eta=1.0,
+                               generator=torch.Generator().manual_seed(seed))
+
+
+def update(pipe, params, trajectories, advantages, train=TRAIN, guidance_scale=1.0, **kwargs):
+    optimizer = GradientRecorder(params)
+    info = ppo_update(pipe.unet, pipe.scheduler, optimizer, params, trajectories, advantages, train, eta=1.0,
+                      guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0), **kwargs)
+    return optimizer.grads, info
+
+
+@pytest.fixture(scope="module")
+def pipe_and_params(tiny_sd_dir):
+    return policy(tiny_sd_dir)
+
+
+def test_kl_gradient_matches_the_closed_form(pipe_and_params):
+    """With zero advantages the loss is kl_beta * KL alone; its gradient must be that of the closed form
+    KL(N(m, s^2) || N(m_ref, s^2)) = (m - m_ref)^2 / (2 s^2), with both means from diffusers' own
+    DDIMScheduler.step (zero noise) and the base model as reference."""
+    pipe, params = pipe_and_params
+    trajectories = sample(pipe)
+    beta = 0.7
+    grads, info = update(pipe, params, trajectories, torch.zeros(len(PROMPTS), STEPS),
+                         train=dataclasses.replace(TRAIN, kl_beta=beta))
+    assert len(grads) == 1 and info["kl_to_reference"] > 0
+
+    scheduler, unet = pipe.scheduler, pipe.unet
+    scheduler.set_timesteps(STEPS)
+    embeds = trajectories.prompt_embeds
+    total = 0.0
+    for k, t in enumerate(scheduler.timesteps):
+        x = trajectories.latents[:, k]
+        prev_t = int(t) - scheduler.config.num_train_timesteps // STEPS
+        std = scheduler._get_variance(int(t), prev_t).sqrt()  # eta = 1
+        zeros = torch.zeros_like(x)
+        mean = scheduler.step(unet(x, t, encoder_hidden_states=embeds).sample, t, x, eta=1.0,
+                              variance_noise=zeros).prev_sample
+        with torch.no_grad():
+            unet.disable_adapters()
+            reference = scheduler.step(unet(x, t, encoder_hidden_states=embeds).sample, t, x, eta=1.0,
+                                       variance_noise=zeros).prev_sample
+            unet.enable_adapters()
+        kl_per_row = ((mean - reference) ** 2 / (2 * std**2)).flatten(1).mean(1)
+        total = total + kl_per_row.mean() / STEPS
+    expected = torch.autograd.grad(beta * total, params)
+    expected = torch.cat([g.flatten() for g in expected])
+    torch.testing.assert_close(grads[0], expected, rtol=1e-4, atol=1e-7)
+    assert info["kl_to_reference"] == pytest.approx(float(total.detach()), rel=1e-4)
+
+
+def _visits(pipe, trajectories, run):
+    """Run `run()` while recording which (row, step) each UNet call trains: each row's latent at step k
+    is unique, so the UNet's input identifies it."""
+    lookup = {}
+    for row in range(trajectories.batch_size):
+        for k in range(trajectories.num_steps):
+            lookup[trajectories.latents[row, k].numpy().tobytes()] = (row, k)
+    visits = []
+
+    def hook(module, args, kwargs):
+        if torch.is_grad_enabled():  # training calls only, not the gradient-free rescoring
+            for sample in args[0]:
+                visits.append(lookup[sample.detach().numpy().tobytes()])
+
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        result = run()
+    finally:
+        handle.remove()
+    return visits, result
+
+
+def test_timestep_fraction_trains_exactly_that_many_steps_of_each_row(pipe_and_params):
+    pipe, params = pipe_and_params
+    trajectories = sample(pipe)
+    train = dataclasses.replace(TRAIN, timestep_fraction=0.5, batch_size=2)
+    visits, (grads, info) = _visits(pipe, trajectories, lambda: update(
+        pipe, params, trajectories, torch.randn(len(PROMPTS), STEPS), train=train))
+    assert info["optimizer_steps"] == 2 and len(grads) == 2
+    for row in range(len(PROMPTS)):
+        steps = [k for r, k in visits if r == row]
+        assert len(steps) == 2 and len(set(steps)) == 2  # ceil(4 * 0.5) distinct steps, each once
+
+
+def test_inner_epochs_repeat_every_step_against_the_sampling_log_probs(pipe_and_params):
+    pipe, params = pipe_and_params
+    trajectories = sample(pipe)
+    train = dataclasses.replace(TRAIN, num_inner_epochs=3, batch_size=2)
+    visits, (grads, info) = _visits(pipe, trajectories, lambda: update(
+        pipe, params, trajectories, torch.randn(len(PROMPTS), STEPS), train=train))
+    assert info["optimizer_steps"] == 6 and len(grads) == 6
+    assert sorted(visits) == sorted([(r, k) for r in range(len(PROMPTS)) for k in range(STEPS)] * 3)
+    # GradientRecorder leaves the weights alone: every pass scores the same policy, ratio 1 throughout.
+    assert info["clipfrac"] == 0.0 and info["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_stale_batch_is_clipped_around_the_learners_own_policy(tiny_sd_dir):
+    """Async mode: a batch sampled by version 0, trained by a learner that has moved on (version 1). The
+    ratio is taken against the learner's own log-probs (no sample starts clipped), the importance weight
+    exp(proximal - behaviour) carries the difference, and the gradient is the importance-weighted one."""
+    sampler, _ = policy(tiny_sd_dir, seed=0)
+    learner, params = policy(tiny_sd_dir, seed=0)
+    stale = sample(sampler)
+    with torch.no_grad():  # the learner has taken a step since: its LoRA differs
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    advantages = torch.randn(len(PROMPTS), STEPS, generator=torch.Generator().manual_seed(4))
+    train = dataclasses.replace(TRAIN, clip_range=1e-3)
+
+    naive_grads, naive = update(learner, params, stale, advantages, train=train)
+    grads, corrected = update(learner, params, stale, advantages, train=train, learner_version=1)
+    assert naive["clipfrac"] > 0.5  # the stale log-probs put most ratios outside 1 +- 1e-3
+    assert corrected["off_policy"] == 1.0 and corrected["clipfrac"] == 0.0
+    assert corrected["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(corrected["importance_weight"] - 1.0) > 1e-3
+
+    # Same batch relabelled as the learner's own samples (log-probs rescored): the on-policy gradient,
+    # which the corrected one must equal after weighting each term by its importance weight.
+    from dense_rl.update import proximal_log_probs
+
+    proximal = proximal_log_probs(learner.unet, learner.scheduler, stale, batch_size=4, eta=1.0,
+                                  guidance_scale=1.0, device=torch.device("cpu"), dtype=torch.float32)
+    weights = torch.exp(proximal - stale.log_probs)
+    relabelled = dataclasses.replace(stale, log_probs=proximal, policy_version=1)
+    weighted_grads, _ = update(learner, params, relabelled, advantages * weights, train=train, learner_version=1)
+    torch.testing.assert_close(grads[0], weighted_grads[0], rtol=1e-4, atol=1e-8)
+    assert torch.nn.functional.cosine_similarity(grads[0], naive_grads[0], dim=0) < 0.999
+
+
+def test_a_fresh_batch_is_not_rescored(pipe_and_params):
+    pipe, params = pipe_and_params
+    trajectories = dataclasses.replace(sample(pipe), policy_version=2)
+    visits, (_, info) = _visits(pipe, trajectories, lambda: update(
+        pipe, params, trajectories, torch.randn(len(PROMPTS), STEPS), learner_version=2))
+    assert info["off_policy"] == 0.0 and info["importance_weight"] == 1.0
+
+
+# ---------------------------------------------------------------------- DDP over gloo
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_gradient(rank: int, world_size: int, port: int, folder: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        pipe, params = policy(folder)
+        trajectories = sample(pipe, guidance_scale=3.0)
+        advantages = torch.randn(len(PROMPTS), STEPS, generator=torch.Generator().manual_seed(7))
+        share = len(PROMPTS) // world_size
+        rows = list(range(rank * share, (rank + 1) * share))
+        ddp_unet = DistributedDataParallel(pipe.unet, find_unused_parameters=False)
+        optimizer = GradientRecorder(params)
+        ppo_update(ddp_unet, pipe.scheduler, optimizer, params, trajectories.select(rows), advantages[rows],
+                   dataclasses.replace(TRAIN, batch_size=share), eta=1.0, guidance_scale=3.0,
+                   generator=torch.Generator().manual_seed(rank))
+        if rank == 0:
+            torch.save(optimizer.grads[0], out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_give_the_one_process_gradient(tiny_sd_dir, tmp_path):
+    out = str(tmp_path / "ddp_grad.pt")
+    mp.start_processes(_rank_gradient, args=(2, _free_port(), tiny_sd_dir, out), nprocs=2, start_method="spawn")
+    ddp_gradient = torch.load(out, weights_only=True)
+
+    pipe, params = policy(tiny_sd_dir)
+    trajectories = sample(pipe, guidance_scale=3.0)
+    advantages = torch.randn(len(PROMPTS), STEPS, generator=torch.Generator().manual_seed(7))
+    grads, _ = update(pipe, params, trajectories, advantages, guidance_scale=3.0)
+    assert ddp_gradient.abs().max() > 0
+    torch.testing.assert_close(ddp_gradient, grads[0], rtol=0, atol=1e-6)
