@@ -90,8 +90,16 @@ def test_throughput_quick(tmp_path):
         "coca_over_sparse_epoch_time", "credit_compute_coca_share_of_epoch", "credit_compute_coca_over_sparse",
         "ray_sync_over_in_process_throughput", "async_over_sync_throughput",
         "broadcast_tiny_share_of_ray_epoch", "broadcast_sd15_share_of_tiny_ray_epoch",
+        "async_over_sync_reward_gain_per_second",
     }
+    learning = ratios.pop("async_over_sync_reward_gain_per_second")  # 2 quick epochs: any sign, or NaN
+    assert isinstance(learning, float)
     assert all(value > 0 for value in ratios.values())
+    for mode in ("sync", "async"):
+        run = results["results"]["ray"][mode]
+        assert len(run["reward_mean"]) == len(run["seconds_at_epoch_end"]) == 2
+        assert run["learning"]["per_second"] == pytest.approx(
+            (run["reward_mean"][1] - run["reward_mean"][0]) / run["seconds_at_epoch_end"][1])
     broadcast = results["results"]["broadcast_and_bytes"]
     # SD 1.5's attention projections with a rank-4 adapter: 797,184 float32 parameters (about 3.2 MB).
     assert broadcast["sd15_rank4"]["parameters"] == 797184 and broadcast["sd15_rank4"]["bytes"] == 4 * 797184
