@@ -92,8 +92,9 @@ def test_throughput_quick(tmp_path):
         "broadcast_tiny_share_of_ray_epoch", "broadcast_sd15_share_of_tiny_ray_epoch",
         "async_over_sync_reward_gain_per_second",
     }
-    learning = ratios.pop("async_over_sync_reward_gain_per_second")  # 2 quick epochs: any sign, or NaN
-    assert isinstance(learning, float)
+    # 2 quick epochs: any sign; null (NaN in the report) when sync gained nothing to divide by.
+    learning = ratios.pop("async_over_sync_reward_gain_per_second")
+    assert learning is None or isinstance(learning, float)
     assert all(value > 0 for value in ratios.values())
     for mode in ("sync", "async"):
         run = results["results"]["ray"][mode]
