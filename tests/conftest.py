@@ -66,6 +66,21 @@ def build_tiny_sd(folder, *, set_alpha_to_one: bool = False, sample_size: int = 
     return str(folder / "pipeline")
 
 
+def with_lora(pipe, seed: int = 0, scale: float = 0.2, rank: int = 4) -> list:
+    """A seeded LoRA on the attention projections with non-zero B weights, so the policy differs from
+    the base model and the adapter takes part in every forward pass; returns its parameters."""
+    from dense_rl.lora import add_lora
+
+    torch.manual_seed(seed)
+    params = add_lora(pipe.unet, rank, float(rank), ["to_q", "to_k", "to_v", "to_out.0"])
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    return params
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory) -> str:
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))

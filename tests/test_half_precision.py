@@ -16,26 +16,13 @@ import torch
 from dense_rl.config import TrainConfig
 from dense_rl.diffusion.pipeline import load_pipeline
 from dense_rl.diffusion.sampler import sample_trajectories
-from dense_rl.lora import add_lora, load_lora_state_dict, lora_state_dict
+from dense_rl.lora import load_lora_state_dict, lora_state_dict
 from dense_rl.update import ppo_update, score_actions
 
-from conftest import build_tiny_sd
+from conftest import build_tiny_sd, with_lora
 
 pytestmark = pytest.mark.slow
 HALF = [torch.float16, torch.bfloat16]
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def with_lora(pipe, seed=0, scale=0.2):
-    """A LoRA with non-zero B weights, so the adapter takes part in every forward pass."""
-    torch.manual_seed(seed)
-    params = add_lora(pipe.unet, 4, 4.0, TARGETS)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in pipe.unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * scale)
-    return params
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)

@@ -14,10 +14,10 @@ import torch.multiprocessing as mp
 from dense_rl.config import TrainConfig
 from dense_rl.diffusion.pipeline import load_pipeline
 from dense_rl.diffusion.sampler import Trajectories, sample_trajectories
-from dense_rl.lora import add_lora
 from dense_rl.update import ppo_update
 
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+from conftest import with_lora
+
 PROMPTS = ["a red cat", "a blue dog", "a cat", "a dog"]
 STEPS = 4
 # No clipping, no gradient clipping: the tests compare raw gradients.
@@ -38,13 +38,7 @@ class GradientRecorder(torch.optim.SGD):
 def policy(folder, seed=0, lora_scale=0.3):
     """The tiny SD pipeline with a LoRA whose B weights are non-zero (so the policy differs from the base)."""
     pipe = load_pipeline(folder)
-    torch.manual_seed(seed)
-    params = add_lora(pipe.unet, 4, 4.0, TARGETS)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in pipe.unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * lora_scale)
+    params = with_lora(pipe, seed, lora_scale)
     return pipe, params
 
 
