@@ -1,10 +1,11 @@
 """Input checks that read files but load no weights and start nothing (launch's preflight): a model
-that is not on disk, LoRA target modules that match no layer of its UNet, a LoRA file that cannot fit
+that is not on disk, LoRA target modules that match no layer of its denoiser (a UNet, or an SD3
+flow transformer), a LoRA file that cannot fit
 the adapter, and an epoch too large for this machine's memory.
 
 Only JSON headers and config files are read. Nothing is downloaded: a hub id must already be in the
 local Hugging Face cache. torch and diffusers are imported only by `check_target_modules`, which
-builds the UNet from its config on the meta device (no weights).
+builds the denoiser from its config on the meta device (no weights).
 """
 
 from __future__ import annotations
@@ -48,16 +49,19 @@ def check_lora_file(config: Config) -> None:
                           "never loaded: convert it to safetensors")
     if not path.is_file():
         raise ConfigError(f"{field}: {path} does not exist; give a LoRA .safetensors file or a folder holding {LORA_FILE}")
-    tensors = {k: v for k, v in safetensors_header(path, field).items() if k.startswith("unet.")}
+    folder = _model_folder(config)
+    prefix, denoiser_config = _denoiser_config(folder) if folder is not None else ("unet", {})
+    tensors = {k: v for k, v in safetensors_header(path, field).items() if k.startswith(prefix + ".")}
     if not tensors:
-        raise ConfigError(f"{field}: {path} holds no UNet LoRA weights (keys starting 'unet.'); is it a LoRA file?")
-    cross_width = _unet_config(config).get("cross_attention_dim")
+        raise ConfigError(f"{field}: {path} holds no {prefix} LoRA weights (keys starting '{prefix}.'); "
+                          "is it a LoRA file of this kind of model?")
+    cross_width = denoiser_config.get("cross_attention_dim")
     for name, info in sorted(tensors.items()):
         shape = info.get("shape", [])
         down = ".lora.down." in name or ".lora_A." in name
         module = name.split(".lora")[0]
         if not any(module.endswith("." + target) for target in lora.target_modules):
-            raise ConfigError(f"{field}: {path.name} adapts {module.removeprefix('unet.')!r}, which is not in "
+            raise ConfigError(f"{field}: {path.name} adapts {module.removeprefix(prefix + '.')!r}, which is not in "
                               f"lora.target_modules={lora.target_modules}; set lora.target_modules to match the file")
         if len(shape) != 2:
             raise ConfigError(f"{field}: tensor {name!r} has shape {shape}; LoRA matrices are 2-D")
@@ -117,9 +121,17 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _unet_config(config: Config) -> dict:
-    folder = _model_folder(config)
-    return {} if folder is None else _read_json(folder / "unet" / "config.json")
+# The denoiser's folder in a pipeline and the classes whose layers check_target_modules knows.
+DENOISERS = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel"}
+
+
+def _denoiser_config(folder: Path) -> tuple[str, dict]:
+    """("unet" or "transformer", its config.json) of a pipeline folder; ("unet", {}) if neither is there."""
+    for name in DENOISERS:
+        found = _read_json(folder / name / "config.json")
+        if found:
+            return name, found
+    return "unet", {}
 
 
 def trajectory_bytes_per_sample(config: Config) -> int | None:
@@ -128,18 +140,21 @@ def trajectory_bytes_per_sample(config: Config) -> int | None:
     folder = _model_folder(config)
     if folder is None:
         return None
-    unet, text = _read_json(folder / "unet" / "config.json"), _read_json(folder / "text_encoder" / "config.json")
+    _, denoiser = _denoiser_config(folder)
+    text = _read_json(folder / "text_encoder" / "config.json")
     vae = _read_json(folder / "vae" / "config.json")
-    if not unet or not text:
+    if not denoiser or not text:
         return None
-    size = unet.get("sample_size", 64)
-    height, width = (size, size) if isinstance(size, int) else size
-    latent = unet.get("in_channels", 4) * height * width
     scale = 2 ** (len(vae.get("block_out_channels", [0])) - 1) if vae else 1
+    size = denoiser.get("sample_size", 64) if config.sample.resolution is None else config.sample.resolution // scale
+    height, width = (size, size) if isinstance(size, int) else size
+    latent = denoiser.get("in_channels", 4) * height * width
     image = 3 * height * scale * width * scale
     value = 2 if config.model.dtype in ("float16", "bfloat16") else 4
     steps = config.sample.num_steps
-    embeds = text.get("max_position_embeddings", 77) * text.get("hidden_size", 768)
+    # A flow transformer's text sequence is as wide as its joint attention (CLIP and T5 concatenated).
+    width = denoiser.get("joint_attention_dim", text.get("hidden_size", 768))
+    embeds = text.get("max_position_embeddings", 77) * width
     embeds *= 2 if config.sample.guidance_scale > 1 else 1  # the negative prompt's, for guidance
     return (2 * steps + 1) * latent * value + steps * 4 + embeds * value + image * 4
 
@@ -173,27 +188,28 @@ def check_memory(config: Config, total_memory: int | None = None) -> None:
 
 
 def check_target_modules(config: Config, folder: Path) -> None:
-    """Every lora.target_modules entry must name layers of the model's UNet that LoRA can adapt, by
+    """Every lora.target_modules entry must name layers of the model's denoiser that LoRA can adapt, by
     peft's rule (a module's name equals the entry or ends with "." + entry); peft itself only fails when
-    no entry matches, so a typo in one of them would train without it. The UNet is built from its
+    no entry matches, so a typo in one of them would train without it. The denoiser is built from its
     config on the meta device: no weights are read."""
-    unet_config = _read_json(folder / "unet" / "config.json")
-    if unet_config.get("_class_name") != "UNet2DConditionModel":
+    prefix, denoiser_config = _denoiser_config(folder)
+    class_name = denoiser_config.get("_class_name")
+    if class_name != DENOISERS[prefix]:
         return  # config not downloaded yet, or another denoiser: the actors' start check reports it
+    import diffusers
     import torch
-    from diffusers import UNet2DConditionModel
 
     lora_layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
-    modules = [(name, module) for name, module in unet.named_modules() if name]
+        denoiser = getattr(diffusers, class_name).from_config(denoiser_config)
+    modules = [(name, module) for name, module in denoiser.named_modules() if name]
     examples = _short_names(name for name, module in modules if isinstance(module, lora_layers))
     for target in config.lora.target_modules:
         matched = [module for name, module in modules if name == target or name.endswith("." + target)]
         others = sorted({type(m).__name__ for m in matched if not isinstance(m, lora_layers)})
         if not matched or others:
             what = "matches no module" if not matched else f"names {others[0]} modules, which LoRA cannot adapt,"
-            raise ConfigError(f"lora.target_modules: {target!r} {what} in the UNet of {config.model.pretrained}; "
+            raise ConfigError(f"lora.target_modules: {target!r} {what} in the {'UNet' if prefix == 'unet' else prefix} of {config.model.pretrained}; "
                               f"layers LoRA can adapt are named e.g. {', '.join(examples[:10])}")
 
 

@@ -50,6 +50,12 @@ class SampleConfig:
     batch_size: int = 16  # trajectories per rollout call
     num_batches_per_epoch: int = 2
     samples_per_prompt: int = 4  # each drawn prompt is sampled this many times per batch
+    # sde_noise_level: the flow SDE's noise (Flow-GRPO's default; flow models only, as eta is DDIM's).
+    # sde_window: [start, stop) of the steps sampled stochastically and trained, deterministic (ODE)
+    # steps elsewhere (the MixGRPO / Flow-GRPO-Fast speed-up; DDIM takes eta-0 steps there). Empty: every step.
+    sde_noise_level: float = 0.7
+    sde_window: list[int] = field(default_factory=list)
+    resolution: int | None = None  # image height = width in pixels; None: the model's own size
 
 
 @dataclass
@@ -67,6 +73,10 @@ class CreditConfig:
     temporal_alpha: float = 0.0
     buffer_size: int = 32  # trajectories kept per prompt by both normalisation stages
     min_count: int = 4
+    # per_prompt: normalise by each prompt's recent rewards (DDPO's tracker, buffer_size/min_count);
+    # group: within each prompt's samples of this epoch (GRPO), dividing by their std if group_std.
+    advantages: str = "per_prompt"
+    group_std: bool = True
 
 
 @dataclass
@@ -259,6 +269,7 @@ def _require(condition: bool, field_name: str, message: str) -> None:
 
 def validate(config: Config) -> None:
     """Every cross-field rule lives here, so a bad config fails before anything expensive starts."""
+    from dense_rl.advantages import ADVANTAGE_MODES
     from dense_rl.credit import CREDIT_MODES
     from dense_rl.rewards import FLOAT32_ONLY, REWARD_NAMES
 
@@ -284,6 +295,13 @@ def validate(config: Config) -> None:
     _require(sample.samples_per_prompt >= 1 and sample.batch_size % sample.samples_per_prompt == 0,
              "sample.samples_per_prompt",
              f"{sample.samples_per_prompt} must be >= 1 and divide sample.batch_size={sample.batch_size}")
+    _require(sample.resolution is None or sample.resolution >= 8, "sample.resolution",
+             f"must be >= 8 pixels, or null for the model's own size, got {sample.resolution}")
+    _require(sample.sde_noise_level > 0, "sample.sde_noise_level",
+             f"must be > 0 for step log-probs (got {sample.sde_noise_level}); Flow-GRPO uses 0.7")
+    window = sample.sde_window
+    _require(window == [] or (len(window) == 2 and 0 <= window[0] < window[1] <= sample.num_steps), "sample.sde_window",
+             f"{window} must be [] (every step) or [start, stop] with 0 <= start < stop <= sample.num_steps={sample.num_steps}")
     _require(sample.prompts.startswith("embedded:") or Path(sample.prompts).is_file(), "sample.prompts",
              f"file {sample.prompts!r} does not exist; give a text file with one prompt per line or embedded:tiny_train")
 
@@ -305,6 +323,10 @@ def validate(config: Config) -> None:
     _require(any(spec.weight != 0 for spec in config.rewards), "rewards", "every reward weight is 0")
 
     _require(credit.mode in CREDIT_MODES, "credit.mode", f"unknown mode {credit.mode!r}; choose one of {', '.join(CREDIT_MODES)}")
+    _require(credit.advantages in ADVANTAGE_MODES, "credit.advantages",
+             f"unknown {credit.advantages!r}; choose one of {', '.join(ADVANTAGE_MODES)}")
+    _require(credit.advantages != "group" or sample.samples_per_prompt >= 2, "sample.samples_per_prompt",
+             f"group advantages compare each prompt's samples, so it must be >= 2 (got {sample.samples_per_prompt})")
     _require(credit.window_size >= 1, "credit.window_size", f"must be >= 1, got {credit.window_size}")
     _require(credit.mode != "coca" or sample.num_steps % credit.window_size == 0, "credit.window_size",
              f"{credit.window_size} does not divide sample.num_steps={sample.num_steps}; pick a divisor")

@@ -125,6 +125,7 @@ class Driver:
             num_steps=self.config.sample.num_steps, reward_tracker=self.state.reward_tracker,
             step_tracker=self.state.step_tracker, temporal_alpha=credit.temporal_alpha,
             adv_clip_max=self.config.train.adv_clip_max, window_size=credit.window_size,
+            advantages=credit.advantages, group_std=credit.group_std,
         )
         rows = torch.nonzero(good).flatten().tolist()
         return step_advantages, rows, {**info, "bad_rewards": len(rewards) - len(rows)}

@@ -114,13 +114,10 @@ def fixed_noise_batches(prompts: list[str], samples_per_prompt: int, batch_size:
 
 
 def sample_images(pipe, config: Config, prompts: list[str], seed: int) -> torch.Tensor:
-    from dense_rl.diffusion.sampler import sample_trajectories
+    from dense_rl.diffusion.sampler import sample_trajectories, sampler_options
 
-    sample = config.sample
-    trajectories = sample_trajectories(
-        pipe, prompts, num_steps=sample.num_steps, guidance_scale=sample.guidance_scale, eta=sample.eta,
-        negative_prompt=sample.negative_prompt, generator=torch.Generator().manual_seed(seed),
-    )
+    trajectories = sample_trajectories(pipe, prompts, **sampler_options(config.sample),
+                                       generator=torch.Generator().manual_seed(seed))
     return trajectories.images
 
 
@@ -139,7 +136,7 @@ def evaluate_run(
     show_progress: bool = True,
 ) -> list[dict]:
     """Sample and score base + checkpoints; write the table and plot into the run; return the rows."""
-    from dense_rl.diffusion.pipeline import load_pipeline
+    from dense_rl.diffusion.pipeline import denoiser, load_pipeline
     from dense_rl.lora import add_lora, load_lora_state_dict
     from dense_rl.prompts import load_prompts
     from dense_rl.rewards import build_reward
@@ -168,17 +165,18 @@ def evaluate_run(
     # Half precision only where the run used it and on the device it was meant for.
     dtype = config.model.dtype if device == config.model.device else "float32"
     pipe = load_pipeline(config.model.pretrained, dtype=dtype, device=device, revision=config.model.revision)
-    add_lora(pipe.unet, config.lora.rank, config.lora.alpha, config.lora.target_modules)
+    model = denoiser(pipe)
+    add_lora(model, config.lora.rank, config.lora.alpha, config.lora.target_modules)
 
     batches = fixed_noise_batches(prompt_list, samples_per_prompt, batch_size, seed)
     rows = []
     bar = tqdm(total=len(policies) * len(batches), desc="evaluating", unit="batch", disable=not show_progress)
     for version, checkpoint in policies.items():
         if checkpoint:
-            load_lora_state_dict(pipe.unet, read_lora_bytes(run, f"{checkpoint}/{LORA_FILE}"))
-            pipe.unet.enable_adapters()
+            load_lora_state_dict(model, read_lora_bytes(run, f"{checkpoint}/{LORA_FILE}"))
+            model.enable_adapters()
         else:
-            pipe.unet.disable_adapters()  # the pretrained model itself
+            model.disable_adapters()  # the pretrained model itself
         for batch_seed, items in batches:
             batch_prompts = [prompt for prompt, _ in items]
             images = sample_images(pipe, config, batch_prompts, batch_seed)

@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from dense_rl.advantages import compute_step_advantages
 from dense_rl.config import Config
-from dense_rl.diffusion.pipeline import load_pipeline
-from dense_rl.diffusion.sampler import Trajectories, sample_trajectories
+from dense_rl.diffusion.pipeline import denoiser, load_pipeline
+from dense_rl.diffusion.sampler import Trajectories, sample_trajectories, sampler_options
 from dense_rl.lora import add_lora, load_lora_state_dict, read_lora_file
 from dense_rl.prompts import choose_prompts, load_prompts
 from dense_rl.rewards import WeightedRewards
@@ -34,9 +34,9 @@ def build_policy(config: Config):
     # Seeded so every process (rollouts, each learner rank, a resumed run) builds the same adapter.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.run.seed)
-        params = add_lora(pipe.unet, config.lora.rank, config.lora.alpha, config.lora.target_modules)
+        params = add_lora(denoiser(pipe), config.lora.rank, config.lora.alpha, config.lora.target_modules)
     if config.lora.init_from:
-        load_lora_state_dict(pipe.unet, read_lora_file(config.lora.init_from))
+        load_lora_state_dict(denoiser(pipe), read_lora_file(config.lora.init_from))
     return pipe, params
 
 
@@ -49,8 +49,7 @@ def sample_epoch(pipe, config: Config, prompts: list[str], epoch: int, version: 
     for batch in range(sample.num_batches_per_epoch):
         prompts_of_batch = choose_prompts(rng, prompts, sample.batch_size, sample.samples_per_prompt)
         batches.append(sample_trajectories(
-            pipe, prompts_of_batch, num_steps=sample.num_steps, guidance_scale=sample.guidance_scale,
-            eta=sample.eta, negative_prompt=sample.negative_prompt,
+            pipe, prompts_of_batch, **sampler_options(sample),
             generator=torch.Generator().manual_seed(batch_seed(seed, epoch, batch)), policy_version=version,
         ))
     return Trajectories.concat(batches)
@@ -60,10 +59,7 @@ def sample_epoch(pipe, config: Config, prompts: list[str], epoch: int, version: 
 def evaluate(pipe, config: Config, rewards: WeightedRewards, prompts: list[str], seed: int) -> dict[str, float]:
     """Mean of each reward over one fixed-seed sample per prompt (comparable across checkpoints)."""
     generator = torch.Generator().manual_seed(seed)
-    trajectories = sample_trajectories(
-        pipe, prompts, num_steps=config.sample.num_steps, guidance_scale=config.sample.guidance_scale,
-        eta=config.sample.eta, negative_prompt=config.sample.negative_prompt, generator=generator,
-    )
+    trajectories = sample_trajectories(pipe, prompts, **sampler_options(config.sample), generator=generator)
     total, components = rewards(trajectories.images, trajectories.prompts)
     return {"reward": float(total.mean()), **{name: float(v.mean()) for name, v in components.items()}}
 
@@ -77,7 +73,7 @@ def train(config: Config, *, show_progress: bool = True, keep_policy: dict | Non
     if keep_policy is not None:
         keep_policy["pipe"] = pipe
     optimizer = make_optimizer(params, config.train)
-    grad_scaler = make_grad_scaler(pipe.unet)
+    grad_scaler = make_grad_scaler(denoiser(pipe))
     rewards = WeightedRewards(config.rewards, device=config.model.device)
     prompts = load_prompts(config.sample.prompts)
     reward_tracker = PerPromptStatTracker(config.credit.buffer_size, config.credit.min_count)
@@ -103,15 +99,16 @@ def train(config: Config, *, show_progress: bool = True, keep_policy: dict | Non
             credit_mode=config.credit.mode, num_steps=config.sample.num_steps,
             reward_tracker=reward_tracker, step_tracker=step_tracker,
             temporal_alpha=config.credit.temporal_alpha, adv_clip_max=config.train.adv_clip_max,
-            window_size=config.credit.window_size,
+            window_size=config.credit.window_size, advantages=config.credit.advantages,
+            group_std=config.credit.group_std,
         )
         credited = time.perf_counter()
         if asynchronous and epoch + 1 < config.run.num_epochs:
             pending = sample_epoch(pipe, config, prompts, epoch + 1, version=epoch)
         sampled_ahead = time.perf_counter()
         update_info = ppo_update(
-            pipe.unet, pipe.scheduler, optimizer, params, kept, step_advantages, config.train,
-            eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
+            denoiser(pipe), pipe.scheduler, optimizer, params, kept, step_advantages, config.train,
+            eta=config.sample.eta, noise_level=config.sample.sde_noise_level, guidance_scale=config.sample.guidance_scale,
             generator=torch.Generator().manual_seed(update_seed(config.run.seed, epoch, rank=0)),
             learner_version=epoch, grad_scaler=grad_scaler,
         )

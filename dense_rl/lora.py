@@ -1,7 +1,10 @@
-"""LoRA on the UNet through peft: add it, move its state around as tensors, export it for diffusers.
+"""LoRA on the denoiser through peft: add it, move its state around as tensors, export it for diffusers.
 
-The adapter state travels between roles as a flat `{name: tensor}` dict in peft's naming; files on
-disk use diffusers' naming, so `StableDiffusionPipeline.load_lora_weights(folder)` loads them. A file
+The denoiser is the UNet (SD 1.x/2.x) or the transformer (SD3); every function takes either. The
+adapter state travels between roles as a flat `{name: tensor}` dict in peft's naming; files on disk
+use diffusers' naming, so the pipeline's own `load_lora_weights(folder)` loads them: UNet weights as
+`StableDiffusionPipeline.save_lora_weights` writes them ("unet." + diffusers' lora names), transformer
+weights as `StableDiffusion3Pipeline.save_lora_weights` does ("transformer." + peft names). A file
 also carries the adapter's LoraConfig (rank, alpha, target modules) as diffusers' adapter metadata:
 without it diffusers assumes alpha = rank, and a LoRA trained with another alpha loads at the wrong
 scale.
@@ -12,13 +15,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
+COMPONENTS = ("unet", "transformer")  # the pipeline component a LoRA file's keys are prefixed with
+
+
+def lora_component(model) -> str:
+    """The pipeline component name of a denoiser: "unet" for a UNet, "transformer" otherwise (SD3)."""
+    return "unet" if isinstance(model, UNet2DConditionModel) else "transformer"
 
 
 def add_lora(unet, rank: int, alpha: float, target_modules: list[str]) -> list[torch.nn.Parameter]:
@@ -34,7 +43,7 @@ def add_lora(unet, rank: int, alpha: float, target_modules: list[str]) -> list[t
         raise ValueError(f"lora.target_modules: {error}") from None
     params = [p for p in unet.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(f"lora.target_modules {target_modules} matched no layer of the UNet")
+        raise ValueError(f"lora.target_modules {target_modules} matched no layer of the {lora_component(unet)}")
     for p in params:
         p.data = p.data.float()
     return params
@@ -78,28 +87,48 @@ def lora_adapter_metadata(unet) -> dict:
 
 def save_lora(unet, folder: str | Path) -> Path:
     """Write the adapter as `folder/pytorch_lora_weights.safetensors` in diffusers' format, with its
-    LoraConfig as adapter metadata, so diffusers applies it at the trained scale (alpha / rank)."""
+    LoraConfig as adapter metadata, so diffusers applies it at the trained scale (alpha / rank).
+    A UNet's file loads with `StableDiffusionPipeline.load_lora_weights`, a transformer's with
+    `StableDiffusion3Pipeline.load_lora_weights`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    layers = convert_state_dict_to_diffusers(lora_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
-                                              unet_lora_adapter_metadata=lora_adapter_metadata(unet))
+    if lora_component(unet) == "unet":
+        layers = convert_state_dict_to_diffusers(lora_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
+                                                  unet_lora_adapter_metadata=lora_adapter_metadata(unet))
+    else:  # diffusers' SD3 LoRA format is peft's names under "transformer." (as its training scripts save)
+        StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=lora_state_dict(unet),
+                                                   safe_serialization=True,
+                                                   transformer_lora_adapter_metadata=lora_adapter_metadata(unet))
     return folder / LORA_FILE
 
 
-def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A diffusers-format LoRA file (or a folder holding one) -> peft-named state for `load_lora_state_dict`."""
+def read_lora_file(path: str | Path, component: str | None = None) -> dict[str, torch.Tensor]:
+    """A diffusers-format LoRA file (or a folder holding one) -> peft-named state for `load_lora_state_dict`
+    (`component`: as in `lora_state_from_diffusers`)."""
     path = Path(path)
     if path.is_dir():
         path = path / LORA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA weights at {path}")
-    return lora_state_from_diffusers(load_file(str(path)), source=str(path))
+    return lora_state_from_diffusers(load_file(str(path)), source=str(path), component=component)
 
 
-def lora_state_from_diffusers(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Diffusers-named LoRA tensors (as saved by `save_lora`) -> peft-named adapter state."""
-    unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    if not unet_state:
-        raise ValueError(f"{source} holds no UNet LoRA weights (keys should start with 'unet.')")
-    return convert_unet_state_dict_to_peft(unet_state)
+def lora_state_from_diffusers(state: dict[str, torch.Tensor], source: str,
+                              component: str | None = None) -> dict[str, torch.Tensor]:
+    """Diffusers-named LoRA tensors (as saved by `save_lora`) -> peft-named adapter state.
+
+    `component` ("unet" or "transformer") says whose weights to take; None: whichever the file holds."""
+    if component is not None and component not in COMPONENTS:
+        raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
+    for name in (component,) if component else COMPONENTS:
+        prefix = f"{name}."
+        picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if picked:
+            break
+    else:
+        wanted = " or ".join(f"'{name}.'" for name in ((component,) if component else COMPONENTS))
+        raise ValueError(f"{source} holds no {component or 'UNet or transformer'} LoRA weights (keys should start with {wanted})")
+    if name == "transformer" and any("lora_A" in k for k in picked):
+        return picked  # already peft's names
+    return convert_unet_state_dict_to_peft(picked)

@@ -1,4 +1,5 @@
-"""Per-prompt running normalisation of rewards (DDPO's stat tracker), for both CoCA stages."""
+"""Normalisation of rewards for both CoCA stages: per prompt over recent epochs (DDPO's stat tracker),
+or within each prompt's group of samples of one epoch (GRPO's group-relative advantage)."""
 
 from __future__ import annotations
 
@@ -86,3 +87,48 @@ class PerPromptStatTracker:
 
     def clear(self) -> None:
         self._buffers.clear()
+
+
+def group_normalise(prompts: list[str], values, *, use_std: bool = True) -> tuple[np.ndarray, dict]:
+    """Each prompt's rows normalised within their group (every row of that prompt in this call); float32.
+
+    A row is one value (final reward) or T values (step rewards of one trajectory); a group's mean
+    and std are taken over all values of its rows. ``(v - mean) / (std + 1e-6)`` with the population
+    std (ddof=0, as ``np.std``), or ``v - mean`` when ``use_std`` is False. A group of one row has no
+    baseline to compare with and gets 0. No state is kept between calls.
+
+    Also returns ``{"group_size_mean", "group_single_frac", "group_zero_std_frac"}``: the mean rows
+    per group, the fraction of groups with one row, and of groups of >= 2 rows whose values are all
+    equal (no learning signal from them).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim not in (1, 2):
+        raise ValueError(f"values must be [B] or [B, T], got shape {values.shape}")
+    if len(prompts) != values.shape[0]:
+        raise ValueError(f"got {len(prompts)} prompts for {values.shape[0]} rows of values")
+    stats = {"group_size_mean": 0.0, "group_single_frac": 0.0, "group_zero_std_frac": 0.0}
+    if len(prompts) == 0:
+        return values.astype(np.float32), stats
+    if not np.isfinite(values).all():
+        bad_rows = np.flatnonzero(~np.isfinite(values.reshape(len(prompts), -1)).all(axis=1))
+        raise ValueError(f"values hold non-finite entries in rows {bad_rows.tolist()}; drop them first")
+
+    rows = values.reshape(len(prompts), -1)
+    normalised = np.zeros_like(rows)
+    prompts_array = np.asarray(prompts, dtype=object)
+    sizes, zero_std = [], 0
+    for prompt in dict.fromkeys(prompts):  # unique, in first-seen order
+        mask = prompts_array == prompt
+        group = rows[mask]
+        sizes.append(len(group))
+        if len(group) < 2:
+            continue  # stays 0
+        zero_std += int(np.ptp(group) == 0.0)
+        centred = group - group.mean()
+        normalised[mask] = centred / (group.std() + _STD_EPS) if use_std else centred
+    stats = {
+        "group_size_mean": float(np.mean(sizes)),
+        "group_single_frac": float(np.mean([size == 1 for size in sizes])),
+        "group_zero_std_frac": zero_std / max(1, sum(size >= 2 for size in sizes)),
+    }
+    return normalised.reshape(values.shape).astype(np.float32), stats

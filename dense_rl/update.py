@@ -24,8 +24,8 @@ import math
 import torch
 
 from dense_rl.config import TrainConfig
-from dense_rl.diffusion.ddim import ddim_step_distribution, ddim_step_with_logprob
-from dense_rl.diffusion.sampler import Trajectories, predict_noise
+from dense_rl.diffusion.policy import StepPolicy, guided_model_output
+from dense_rl.diffusion.sampler import Trajectories
 from dense_rl.ppo import gaussian_kl, ppo_clip_loss
 
 
@@ -58,15 +58,18 @@ def ppo_update(
     eta: float,
     guidance_scale: float,
     generator: torch.Generator,
+    noise_level: float = 0.7,
     learner_version: int | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """PPO-clip over `train.num_inner_epochs` passes; one optimizer step per `train.batch_size` trajectories.
 
-    `unet` may be wrapped in DistributedDataParallel: gradients are then all-reduced once per
+    `unet` is the denoiser (a UNet, or a flow transformer with `scheduler` a flow-matching one) and
+    `eta`/`noise_level` the sampler's noise (StepPolicy). It may be wrapped in DistributedDataParallel: gradients are then all-reduced once per
     optimizer step, not once per denoising step. Each trajectory trains on its own random subset of
     `timestep_fraction` of its steps, and each step keeps its own advantage. A batch sampled by a
-    policy older than `learner_version` is trained with the decoupled (proximal) correction.
+    policy older than `learner_version` is trained with the decoupled (proximal) correction. Only
+    the steps in the trajectories' `sde_window` are trained.
     """
     num_trajectories, num_steps = step_advantages.shape
     if num_trajectories != trajectories.batch_size or num_steps != trajectories.num_steps:
@@ -77,16 +80,18 @@ def ppo_update(
     base_unet = getattr(unet, "module", unet)
     device = next(unet.parameters()).device
     dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
-    scheduler.set_timesteps(num_steps, device=device)
-    steps_per_trajectory = max(1, math.ceil(num_steps * train.timestep_fraction))
+    policy = StepPolicy(scheduler, eta=eta, noise_level=noise_level)
+    policy.set_timesteps(num_steps, device)
+    trained_steps = torch.tensor(list(trajectories.trained_steps))
+    steps_per_trajectory = max(1, math.ceil(len(trained_steps) * train.timestep_fraction))
     scaler = grad_scaler if grad_scaler is not None else make_grad_scaler(base_unet)
-    common = dict(eta=eta, guidance_scale=guidance_scale, device=device, dtype=dtype)
+    common = dict(guidance_scale=guidance_scale, device=device, dtype=dtype)
 
     behaviour = trajectories.log_probs
     old_log_probs, off_policy = behaviour, learner_version is not None and trajectories.policy_version < learner_version
     if off_policy:
         unet.eval()
-        old_log_probs = proximal_log_probs(base_unet, scheduler, trajectories, batch_size=train.batch_size, **common)
+        old_log_probs = proximal_log_probs(base_unet, policy, trajectories, batch_size=train.batch_size, **common)
 
     sums: dict[str, torch.Tensor] = {}
     num_updates = skipped = 0
@@ -97,7 +102,7 @@ def ppo_update(
             rows = order[start : start + train.batch_size]
             batch = trajectories.select(rows)
             # Each row trains on its own random subset of steps, with that step's own advantage.
-            step_order = torch.stack([torch.randperm(num_steps, generator=generator) for _ in rows])
+            step_order = torch.stack([trained_steps[torch.randperm(len(trained_steps), generator=generator)] for _ in rows])
             row_index = torch.arange(len(rows))
 
             optimizer.zero_grad(set_to_none=True)
@@ -107,7 +112,7 @@ def ppo_update(
                 sync = contextlib.nullcontext() if last or not hasattr(unet, "no_sync") else unet.no_sync()
                 with sync:
                     loss, info = _step_loss(
-                        unet, base_unet, scheduler, batch, row_index, step, train,
+                        unet, base_unet, policy, batch, row_index, step, train,
                         advantages=step_advantages[rows][row_index, step],
                         old_log_probs=old_log_probs[rows][row_index, step],
                         behaviour_log_probs=behaviour[rows][row_index, step] if off_policy else None, **common,
@@ -134,39 +139,38 @@ def ppo_update(
                      "grad_scale": scaler.get_scale() if scaler.is_enabled() else 1.0}
 
 
-def score_actions(unet, scheduler, batch: Trajectories, row_index, step, *, eta, guidance_scale, device, dtype):
+def score_actions(unet, policy: StepPolicy, batch: Trajectories, row_index, step, *, guidance_scale, device, dtype):
     """Log-prob [rows] of the stored action at step `step[i]` of row `row_index[i]` under the current
     weights, and the guided model output it came from: the "score this action" call of PPO."""
     sample = batch.latents[row_index, step].to(device, dtype)
     prev_sample = batch.latents[row_index, step + 1].to(device, dtype)
-    timesteps = batch.timesteps[step].to(device)
-    prompt_embeds = batch.prompt_embeds[row_index].to(device, dtype)
-    negative = None if batch.negative_prompt_embeds is None else batch.negative_prompt_embeds[row_index].to(device, dtype)
-    noise_pred = predict_noise(unet, sample, timesteps, prompt_embeds, negative, guidance_scale)
-    _, log_prob, _ = ddim_step_with_logprob(scheduler, noise_pred, timesteps, sample, eta, prev_sample=prev_sample)
-    return log_prob, noise_pred
+    embeds, negative = batch.embeds(row_index, device, dtype)
+    output = guided_model_output(unet, sample, policy.model_timesteps(step), embeds, negative, guidance_scale)
+    _, log_prob, _ = policy.step(output, step, sample, prev_sample=prev_sample)
+    return log_prob, output
 
 
 @torch.no_grad()
-def proximal_log_probs(unet, scheduler, trajectories: Trajectories, *, batch_size: int, eta, guidance_scale,
+def proximal_log_probs(unet, policy: StepPolicy, trajectories: Trajectories, *, batch_size: int, guidance_scale,
                        device, dtype) -> torch.Tensor:
-    """[B, T] log-probs of every stored action under the current weights (decoupled PPO's proximal policy)."""
+    """[B, T] log-probs of every trained action under the current weights (decoupled PPO's proximal
+    policy); 0 on untrained (ODE) steps, as the sampler stores them."""
     num_rows, num_steps = trajectories.log_probs.shape
-    result = torch.empty(num_rows, num_steps)
+    result = torch.zeros(num_rows, num_steps)
     for start in range(0, num_rows, batch_size):
         rows = torch.arange(start, min(num_rows, start + batch_size))
-        for k in range(num_steps):
-            log_prob, _ = score_actions(unet, scheduler, trajectories, rows, torch.full_like(rows, k), eta=eta,
+        for k in trajectories.trained_steps:
+            log_prob, _ = score_actions(unet, policy, trajectories, rows, torch.full_like(rows, k),
                                         guidance_scale=guidance_scale, device=device, dtype=dtype)
             result[rows, k] = log_prob.float().cpu()
     return result
 
 
-def _step_loss(unet, base_unet, scheduler, batch, row_index, step, train, *, advantages, old_log_probs,
-               behaviour_log_probs, eta, guidance_scale, device, dtype) -> tuple[torch.Tensor, dict]:
+def _step_loss(unet, base_unet, policy: StepPolicy, batch, row_index, step, train, *, advantages, old_log_probs,
+               behaviour_log_probs, guidance_scale, device, dtype) -> tuple[torch.Tensor, dict]:
     """The loss of one denoising step for every row of `batch`, and its statistics (device tensors)."""
-    log_prob, noise_pred = score_actions(unet, scheduler, batch, row_index, step, eta=eta,
-                                         guidance_scale=guidance_scale, device=device, dtype=dtype)
+    log_prob, output = score_actions(unet, policy, batch, row_index, step,
+                                     guidance_scale=guidance_scale, device=device, dtype=dtype)
     loss, info = ppo_clip_loss(
         log_prob, old_log_probs.to(device), advantages.to(device), train.clip_range, train.adv_clip_max,
         behaviour_log_probs=None if behaviour_log_probs is None else behaviour_log_probs.to(device),
@@ -174,17 +178,16 @@ def _step_loss(unet, base_unet, scheduler, batch, row_index, step, train, *, adv
     info = {"policy_loss": loss.detach(), **info}
     if train.kl_beta > 0:
         sample = batch.latents[row_index, step].to(device, dtype)
-        timesteps = batch.timesteps[step].to(device)
-        prompt_embeds = batch.prompt_embeds[row_index].to(device, dtype)
-        negative = None if batch.negative_prompt_embeds is None else batch.negative_prompt_embeds[row_index].to(device, dtype)
-        mean, std, _ = ddim_step_distribution(scheduler, noise_pred, timesteps, sample, eta)
+        timesteps = policy.model_timesteps(step)
+        embeds, negative = batch.embeds(row_index, device, dtype)
+        mean, std, _ = policy.distribution(output, step, sample)
         with torch.no_grad():
             base_unet.disable_adapters()
             try:
-                reference_pred = predict_noise(base_unet, sample, timesteps, prompt_embeds, negative, guidance_scale)
+                reference_output = guided_model_output(base_unet, sample, timesteps, embeds, negative, guidance_scale)
             finally:
                 base_unet.enable_adapters()
-            reference_mean, _, _ = ddim_step_distribution(scheduler, reference_pred, timesteps, sample, eta)
+            reference_mean, _, _ = policy.distribution(reference_output, step, sample)
         kl = gaussian_kl(mean, reference_mean, std).mean()
         loss = loss + train.kl_beta * kl
         info["kl_to_reference"] = kl.detach()

@@ -84,3 +84,55 @@ def with_lora(pipe, seed: int = 0, scale: float = 0.2, rank: int = 4) -> list:
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory) -> str:
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+def build_tiny_sd3(folder, *, vae: bool = True, shift: float = 3.0) -> str:
+    """Save a Stable-Diffusion-3-shaped pipeline (SD3Transformer2DModel, two CLIP text encoders with
+    projection and their tokenizers, FlowMatchEulerDiscreteScheduler, an AutoencoderKL with SD3's
+    shift_factor; no T5), random weights, a few hundred kB, and return its folder. `vae=False` leaves
+    the VAE out: the transformer then diffuses 3-channel pixels, as the embedded flow model does."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_file, merges_file = _write_clip_bpe(folder)
+
+    def encoder():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=24, projection_dim=32,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ))
+
+    tokenizer = CLIPTokenizer(vocab_file, merges_file, model_max_length=24)
+    tokenizer_2 = CLIPTokenizer(vocab_file, merges_file, model_max_length=24)
+    text_encoder, text_encoder_2 = encoder(), encoder()
+    autoencoder = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,  # SD3's VAE
+    ) if vae else None
+    channels = 4 if vae else 3
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=channels, out_channels=channels, num_layers=2,
+        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+        pooled_projection_dim=64, pos_embed_max_size=8,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=autoencoder, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.save_pretrained(folder / "pipeline", safe_serialization=True)
+    return str(folder / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory) -> str:
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pixel_dir(tmp_path_factory) -> str:
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3-pixel"), vae=False)

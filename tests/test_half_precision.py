@@ -17,6 +17,7 @@ from dense_rl.config import TrainConfig
 from dense_rl.diffusion.pipeline import load_pipeline
 from dense_rl.diffusion.sampler import sample_trajectories
 from dense_rl.lora import load_lora_state_dict, lora_state_dict
+from dense_rl.diffusion.policy import StepPolicy
 from dense_rl.update import ppo_update, score_actions
 
 from conftest import build_tiny_sd, with_lora
@@ -38,7 +39,7 @@ def test_rescoring_stored_actions_gives_the_stored_log_probs(dtype):
     with torch.no_grad():
         for k in range(steps):
             step = torch.tensor([k, steps - 1 - k])  # PPO's batches mix steps across rows
-            log_prob, _ = score_actions(pipe.unet, pipe.scheduler, trajectories, rows, step, eta=1.0,
+            log_prob, _ = score_actions(pipe.unet, StepPolicy(pipe.scheduler, eta=1.0), trajectories, rows, step,
                                         guidance_scale=4.0, device=torch.device("cpu"), dtype=dtype)
             worst = max(worst, float((log_prob - trajectories.log_probs[rows, step]).abs().max()))
     # Before the fix (log-prob of the float32 point, its rounding stored) this was ~2e-3 in float16.

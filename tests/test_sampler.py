@@ -6,7 +6,8 @@ from diffusers import DDIMScheduler
 
 from dense_rl.diffusion.ddim import ddim_step_with_logprob
 from dense_rl.diffusion.pipeline import latent_shape, load_pipeline
-from dense_rl.diffusion.sampler import Trajectories, predict_noise, sample_trajectories
+from dense_rl.diffusion.policy import guided_model_output
+from dense_rl.diffusion.sampler import Trajectories, sample_trajectories
 
 from conftest import build_tiny_sd
 
@@ -75,8 +76,8 @@ def test_stored_log_probs_are_reproduced_by_the_ppo_path(sd_pipe):
     sample = trajectories.latents[rows, step]
     timesteps = trajectories.timesteps[step]
     with torch.no_grad():
-        noise_pred = predict_noise(sd_pipe.unet, sample, timesteps, trajectories.prompt_embeds,
-                                   trajectories.negative_prompt_embeds, 4.0)
+        embeds, negative = trajectories.embeds(rows, "cpu", torch.float32)
+        noise_pred = guided_model_output(sd_pipe.unet, sample, timesteps, embeds, negative, 4.0)
     _, log_prob, _ = ddim_step_with_logprob(scheduler, noise_pred, timesteps, sample, 1.0,
                                             prev_sample=trajectories.latents[rows, step + 1])
     torch.testing.assert_close(log_prob, trajectories.log_probs[rows, step], atol=1e-4, rtol=1e-4)

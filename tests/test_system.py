@@ -1,4 +1,5 @@
-"""End to end through real Ray: 2 rollout actors, 1 reward actor, a 2-worker DDP learner group."""
+"""End to end through real Ray: 2 rollout actors, 1 reward actor, a 2-worker DDP learner group, for
+both sampler families (the embedded DDIM model and the embedded flow-matching model)."""
 
 import pytest
 import torch
@@ -17,8 +18,11 @@ SMALL = [
 ]
 
 
-def small_config(tmp_path, *overrides):
-    return load_config("configs/tiny.yaml", [*SMALL, f"run.output_dir={tmp_path}", *overrides])
+FAMILIES = ["configs/tiny.yaml", "configs/tiny-flow.yaml"]
+
+
+def small_config(tmp_path, *overrides, preset="configs/tiny.yaml"):
+    return load_config(preset, [*SMALL, f"run.output_dir={tmp_path}", *overrides])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,8 +38,9 @@ def ray_session(tmp_path_factory):
     ray.shutdown()
 
 
-def test_versions_broadcast_and_learning(tmp_path):
-    config = small_config(tmp_path, "run.name=e2e", "run.num_epochs=6")
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_versions_broadcast_and_learning(tmp_path, preset):
+    config = small_config(tmp_path, "run.name=e2e", "run.num_epochs=6", preset=preset)
     broadcasts = []
 
     def check_rollouts(driver, metrics):
@@ -70,14 +75,16 @@ def test_versions_broadcast_and_learning(tmp_path):
     assert last > first + 0.2, [m["reward_mean"] for m in history]
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, preset):
     common = ("run.num_epochs=2", "run.save_every=1", "sample.num_steps=10")
-    run_system(small_config(tmp_path, "run.name=whole", *common), f"{tmp_path}/whole", show_progress=False)
-
-    run_system(small_config(tmp_path, "run.name=split", *common, "run.num_epochs=1"), f"{tmp_path}/split",
+    run_system(small_config(tmp_path, "run.name=whole", *common, preset=preset), f"{tmp_path}/whole",
                show_progress=False)
+
+    run_system(small_config(tmp_path, "run.name=split", *common, "run.num_epochs=1", preset=preset),
+               f"{tmp_path}/split", show_progress=False)
     # Resume the same directory with the longer schedule: LoRA, optimizer, trackers and epoch come back.
-    resumed = small_config(tmp_path, "run.name=split", *common)
+    resumed = small_config(tmp_path, "run.name=split", *common, preset=preset)
     history = run_system(resumed, f"{tmp_path}/split", show_progress=False)
     assert [m["epoch"] for m in history] == [0, 1]
 

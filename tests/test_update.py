@@ -162,9 +162,10 @@ def test_a_stale_batch_is_clipped_around_the_learners_own_policy(tiny_sd_dir):
 
     # Same batch relabelled as the learner's own samples (log-probs rescored): the on-policy gradient,
     # which the corrected one must equal after weighting each term by its importance weight.
+    from dense_rl.diffusion.policy import StepPolicy
     from dense_rl.update import proximal_log_probs
 
-    proximal = proximal_log_probs(learner.unet, learner.scheduler, stale, batch_size=4, eta=1.0,
+    proximal = proximal_log_probs(learner.unet, StepPolicy(learner.scheduler, eta=1.0), stale, batch_size=4,
                                   guidance_scale=1.0, device=torch.device("cpu"), dtype=torch.float32)
     weights = torch.exp(proximal - stale.log_probs)
     relabelled = dataclasses.replace(stale, log_probs=proximal, policy_version=1)

@@ -113,6 +113,7 @@ def learner_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     from dense_rl import chaos, metrics
+    from dense_rl.diffusion.pipeline import denoiser
     from dense_rl.diffusion.sampler import Trajectories
     from dense_rl.lora import lora_state_dict
     from dense_rl.loop import build_policy
@@ -128,14 +129,15 @@ def learner_loop(loop_config: dict) -> None:
     policy_config = dataclasses.replace(config, model=dataclasses.replace(config.model, device=device))
 
     pipe, params = build_policy(policy_config)
+    model = denoiser(pipe)  # the UNet or flow transformer that carries the LoRA adapter
     optimizer = make_optimizer(params, config.train)
-    grad_scaler = make_grad_scaler(pipe.unet)  # float16 only; its scale carries over between epochs
+    grad_scaler = make_grad_scaler(model)  # float16 only; its scale carries over between epochs
     run = RunDir(loop_config["run_uri"])
 
     # Restore: Ray Train's own checkpoint after a worker failure, else the run's resume point; the
     # optimizer keeps this session's train.* values (a resume may change them).
     def restore(folder: RunDir) -> None:
-        restore_learner(folder, pipe.unet, optimizer, config.train)
+        restore_learner(folder, model, optimizer, config.train)
 
     version, saved = loop_config["start_version"], loop_config["resume_from"]
     checkpoint = ray.train.get_checkpoint()
@@ -147,15 +149,15 @@ def learner_loop(loop_config: dict) -> None:
     elif saved is not None:
         restore(run.child(saved))
 
-    unet = ray.train.torch.prepare_model(pipe.unet, parallel_strategy_kwargs={"find_unused_parameters": False}) \
-        if world_size > 1 else pipe.unet
+    trained = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \
+        if world_size > 1 else model
     train_config = dataclasses.replace(config.train, batch_size=config.train.batch_size // world_size)
     inbox: Queue = loop_config["inboxes"][rank]
     outbox: Queue = loop_config["outbox"]
     rollout_workers = loop_config["rollout_workers"]
     if rank == 0:
         if checkpoint is not None:  # the rollouts get the restored weights
-            publish(version, lora_state_dict(pipe.unet), rollout_workers)
+            publish(version, lora_state_dict(model), rollout_workers)
         outbox.put(LearnerStarted(version, restored=checkpoint is not None))
 
     while True:
@@ -165,7 +167,7 @@ def learner_loop(loop_config: dict) -> None:
         epoch, pieces, step_advantages = work.epoch, work.pieces, work.step_advantages
         if epoch < version:  # served again, but this group restored it already done: say so again
             if rank == 0 and epoch == version - 1:
-                weights = publish(version, lora_state_dict(pipe.unet), rollout_workers)
+                weights = publish(version, lora_state_dict(model), rollout_workers)
                 outbox.put(LearnerResult(version, {}, saved if saved and checkpoint_version(saved) == version else None,
                                          weights))
             continue
@@ -178,8 +180,8 @@ def learner_loop(loop_config: dict) -> None:
         trajectories = Trajectories.concat([ray.get(ref).select(rows) for ref, rows in pieces])
         started = time.perf_counter()
         info = ppo_update(
-            unet, pipe.scheduler, optimizer, params, trajectories, step_advantages, train_config,
-            eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
+            trained, pipe.scheduler, optimizer, params, trajectories, step_advantages, train_config,
+            eta=config.sample.eta, noise_level=config.sample.sde_noise_level, guidance_scale=config.sample.guidance_scale,
             generator=torch.Generator().manual_seed(update_seed(config.run.seed, epoch, rank)),
             learner_version=version, grad_scaler=grad_scaler,
         )
@@ -190,7 +192,7 @@ def learner_loop(loop_config: dict) -> None:
         save = version % config.run.save_every == 0 or version == config.run.num_epochs
         weights = None
         if rank == 0:
-            started, state = time.perf_counter(), lora_state_dict(pipe.unet)
+            started, state = time.perf_counter(), lora_state_dict(model)
             weights = publish(version, state, rollout_workers)
             info["broadcast_seconds"] = time.perf_counter() - started
             metrics.record_weight_broadcast(rank, version, info["broadcast_seconds"],
@@ -200,7 +202,7 @@ def learner_loop(loop_config: dict) -> None:
             folder_name = checkpoint_name(version)
             # Written in place through RunDir (temporary name, then rename: no file is ever seen half
             # written), then handed to Ray Train as a checkpoint it needs not copy.
-            write_learner_files(run.child(f"{loop_config['checkpoint_prefix']}/{folder_name}"), pipe.unet, optimizer)
+            write_learner_files(run.child(f"{loop_config['checkpoint_prefix']}/{folder_name}"), model, optimizer)
             storage = ray.train.get_context().get_storage()
             checkpoint_in_place = ray.train.Checkpoint(f"{storage.experiment_fs_path}/{folder_name}",
                                                        filesystem=storage.storage_filesystem)

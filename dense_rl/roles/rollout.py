@@ -16,7 +16,8 @@ import torch
 from dense_rl import metrics
 
 from dense_rl.config import Config
-from dense_rl.diffusion.sampler import Trajectories, sample_trajectories
+from dense_rl.diffusion.pipeline import denoiser
+from dense_rl.diffusion.sampler import Trajectories, sample_trajectories, sampler_options
 from dense_rl.errors import start_errors
 from dense_rl.lora import load_lora_state_dict, lora_state_dict
 
@@ -54,7 +55,7 @@ class RolloutWorker:
         with self._pending_lock:
             pending, self._pending = self._pending, None
         if pending is not None:
-            load_lora_state_dict(self.pipe.unet, pending[1])
+            load_lora_state_dict(denoiser(self.pipe), pending[1])
             self.version = pending[0]
             metrics.record_policy_version("rollout", self.version)
 
@@ -71,8 +72,7 @@ class RolloutWorker:
         sample = self.config.sample
         started = time.perf_counter()
         trajectories = sample_trajectories(
-            self.pipe, prompts, num_steps=sample.num_steps, guidance_scale=sample.guidance_scale, eta=sample.eta,
-            negative_prompt=sample.negative_prompt, generator=torch.Generator().manual_seed(seed),
+            self.pipe, prompts, **sampler_options(sample), generator=torch.Generator().manual_seed(seed),
             policy_version=self.version,
         )
         metrics.record_rollout_batch(len(prompts), sample.num_steps, time.perf_counter() - started)
@@ -86,4 +86,4 @@ class RolloutWorker:
     def weights(self) -> tuple[int, dict]:
         """(version, LoRA state): lets tests and the driver check what this worker samples with."""
         self._swap_in_pending()
-        return self.version, lora_state_dict(self.pipe.unet)
+        return self.version, lora_state_dict(denoiser(self.pipe))

@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -30,19 +29,18 @@ import torch
 from tqdm.auto import tqdm
 
 from dense_rl.models.tiny import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS
+from dense_rl.models.tiny.evaluation import eval_prompts, evaluate_sampler  # noqa: F401 (eval_prompts: re-export)
 from dense_rl.models.tiny.report import save_grid, write_model_card
 from dense_rl.models.tiny.data import (
     ALL_TEMPLATES,
     COLOR_NAMES,
     DIGIT_WORDS,
-    HELDOUT_TEMPLATES,
     MAX_LENGTH,
     SPECIAL_TOKENS,
     TRAIN_TEMPLATES,
     VOCAB,
     caption,
     colored_digits,
-    parse_prompt,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -165,58 +163,13 @@ def sample(unet, text_encoder, tokenizer, scheduler, prompts: list[str], *, guid
     return torch.cat(out)
 
 
-def eval_prompts(per_combo: int, templates=TRAIN_TEMPLATES + HELDOUT_TEMPLATES) -> list[str]:
-    """``per_combo`` prompts per digit x colour, cycling over the templates."""
-    prompts = []
-    k = 0
-    for _ in range(per_combo):
-        for d in range(10):
-            for c in COLOR_NAMES:
-                prompts.append(caption(d, c, templates[k % len(templates)]))
-                k += 1
-    return prompts
-
-
 @torch.no_grad()
 def evaluate(unet, text_encoder, tokenizer, scheduler, guidance_scales, per_combo: int = 5, seed: int = 1234,
              rewards_dir: str | None = None) -> dict:
-    from dense_rl.models.tiny.train_rewards import best_variant, colorize_idx, poor_variant, true_quality
-    from dense_rl.models.tiny.data import load_gray_digits
-    from dense_rl.rewards.tiny import DigitAlignmentReward, PreferenceReward
+    def sample_fn(prompts, guidance_scale, seed):
+        return sample(unet, text_encoder, tokenizer, scheduler, prompts, guidance_scale=guidance_scale, seed=seed)
 
-    cls_path = os.path.join(rewards_dir, "digit_classifier.safetensors") if rewards_dir else None
-    pref_path = os.path.join(rewards_dir, "preference.safetensors") if rewards_dir else None
-    align = DigitAlignmentReward(cls_path)
-    pref = PreferenceReward(pref_path)
-    prompts = eval_prompts(per_combo)
-    targets = [parse_prompt(p) for p in prompts]
-    y_digit = torch.tensor([d for d, _ in targets])
-    y_color = torch.tensor([COLOR_NAMES.index(c) for _, c in targets])
-    heldout = torch.tensor([any(p == caption(d, c, t) for t in HELDOUT_TEMPLATES) for p, (d, c) in zip(prompts, targets)])
-    results = {"n_samples": len(prompts), "per_guidance": {}}
-    for g in guidance_scales:
-        t0 = time.time()
-        imgs = sample(unet, text_encoder, tokenizer, scheduler, prompts, guidance_scale=g, seed=seed)
-        dp, cp = align.predict(imgs)
-        dig_ok = dp.argmax(1) == y_digit
-        col_ok = cp.argmax(1) == y_color
-        results["per_guidance"][str(g)] = {
-            "digit_acc": dig_ok.float().mean().item(),
-            "color_acc": col_ok.float().mean().item(),
-            "both_acc": (dig_ok & col_ok).float().mean().item(),
-            "digit_acc_heldout_template": dig_ok[heldout].float().mean().item(),
-            "alignment_reward_mean": align(imgs, prompts).mean().item(),
-            "preference_mean": pref(imgs, prompts).mean().item(),
-            "true_quality_mean": true_quality(imgs).mean().item(),
-            "sample_seconds": round(time.time() - t0, 1),
-        }
-    gray, _ = load_gray_digits(16)
-    cols = torch.arange(gray.shape[0]) % len(COLOR_NAMES)
-    for name, g in [("raw", gray), ("best", best_variant(gray)), ("poor", poor_variant(gray))]:
-        rgb = colorize_idx(g, cols)
-        results[f"preference_mean_{name}_real_digits"] = pref(rgb, [""] * len(rgb)).mean().item()
-        results[f"true_quality_mean_{name}_real_digits"] = true_quality(rgb).mean().item()
-    return results
+    return evaluate_sampler(sample_fn, guidance_scales, per_combo, seed=seed, rewards_dir=rewards_dir)
 
 
 def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -303,11 +256,17 @@ def save_pipeline(unet, text_encoder, tokenizer, scheduler, out: Path) -> None:
     )
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
-    # transformers 5 records its new class name "TokenizersBackend"; the classic alias
-    # PreTrainedTokenizerFast loads the same tokenizer.json under transformers 4 and 5.
-    for path, key in ((out / "model_index.json", "tokenizer"), (out / "tokenizer" / "tokenizer_config.json", "tokenizer_class")):
+    record_tokenizer_class(out, "tokenizer")
+
+
+def record_tokenizer_class(out: Path, component: str) -> None:
+    """Record the saved tokenizer `component` as PreTrainedTokenizerFast.
+
+    transformers 5 records its new class name "TokenizersBackend"; the classic alias
+    PreTrainedTokenizerFast loads the same tokenizer.json under transformers 4 and 5."""
+    for path, key in ((out / "model_index.json", component), (out / component / "tokenizer_config.json", "tokenizer_class")):
         cfg = json.loads(path.read_text())
-        if key == "tokenizer":
+        if key == component:
             cfg[key] = ["transformers", "PreTrainedTokenizerFast"]
         else:
             cfg[key] = "PreTrainedTokenizerFast"
