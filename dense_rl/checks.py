@@ -22,8 +22,9 @@ _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
 GIB = 1024**3
 
 
-def safetensors_header(path: Path, field: str) -> dict:
-    """The tensor table of a .safetensors file (names -> dtype, shape), read without loading it."""
+def safetensors_header(path: Path, field: str, *, with_metadata: bool = False):
+    """The tensor table of a .safetensors file (names -> dtype, shape), read without loading it; with
+    `with_metadata`, (table, the file's string metadata)."""
     try:
         with open(path, "rb") as file:
             (size,) = struct.unpack("<Q", file.read(8))
@@ -33,8 +34,8 @@ def safetensors_header(path: Path, field: str) -> dict:
     except (OSError, struct.error, ValueError, UnicodeDecodeError):
         raise ConfigError(f"{field}: {path} is not a readable .safetensors file; save the LoRA with "
                           "dense_rl or diffusers' save_lora_weights") from None
-    header.pop("__metadata__", None)
-    return header
+    metadata = header.pop("__metadata__", None) or {}
+    return (header, metadata) if with_metadata else header
 
 
 def check_lora_file(config: Config) -> None:
@@ -51,10 +52,12 @@ def check_lora_file(config: Config) -> None:
         raise ConfigError(f"{field}: {path} does not exist; give a LoRA .safetensors file or a folder holding {LORA_FILE}")
     folder = _model_folder(config)
     prefix, denoiser_config = _denoiser_config(folder) if folder is not None else ("unet", {})
-    tensors = {k: v for k, v in safetensors_header(path, field).items() if k.startswith(prefix + ".")}
+    header, metadata = safetensors_header(path, field, with_metadata=True)
+    tensors = {k: v for k, v in header.items() if k.startswith(prefix + ".")}
     if not tensors:
         raise ConfigError(f"{field}: {path} holds no {prefix} LoRA weights (keys starting '{prefix}.'); "
                           "is it a LoRA file of this kind of model?")
+    _check_lora_alpha(metadata, prefix, lora.alpha, field, path)
     cross_width = denoiser_config.get("cross_attention_dim")
     for name, info in sorted(tensors.items()):
         shape = info.get("shape", [])
@@ -105,6 +108,18 @@ def model_folder(config: Config) -> Path:
         raise ConfigError(f"{field}: {name!r}{revision} is not a local folder nor in the local Hugging Face cache, "
                           f"and runs never download; download it first (hf download {name}) or give a local folder")
     return Path(found).parent
+
+
+def _check_lora_alpha(metadata: dict, prefix: str, alpha: float, field: str, path: Path) -> None:
+    """A file that records its LoraConfig (dense_rl and diffusers write it) must match lora.alpha: the
+    adapter's scale is alpha / rank, so another alpha would start from a differently scaled policy."""
+    try:
+        saved = json.loads(metadata.get("lora_adapter_metadata", "{}")).get(f"{prefix}.lora_alpha")
+    except (ValueError, AttributeError):
+        return  # metadata written by another tool: nothing to compare
+    if saved is not None and float(saved) != alpha:
+        raise ConfigError(f"{field}: {path.name} was trained with LoRA alpha {float(saved):g} but lora.alpha={alpha:g}; "
+                          f"set lora.alpha={float(saved):g} (the adapter's scale is alpha / rank)")
 
 
 def _model_folder(config: Config) -> Path | None:

@@ -151,7 +151,7 @@ def test_twenty_more_bad_inputs_each_exit_before_ray(tmp_path):
 
 def test_lora_file_check_accepts_what_save_lora_writes(tmp_path):
     from dense_rl.checks import check_lora_file
-    from dense_rl.config import load_config
+    from dense_rl.config import ConfigError, load_config
     from dense_rl.lora import save_lora
     from dense_rl.loop import build_policy
 
@@ -159,6 +159,10 @@ def test_lora_file_check_accepts_what_save_lora_writes(tmp_path):
     pipe, _ = build_policy(config)
     save_lora(pipe.unet, tmp_path)
     check_lora_file(load_config(overrides=[f"lora.init_from={tmp_path}"]))
+    # The file records its alpha (the adapter's scale is alpha / rank): another lora.alpha is refused.
+    with pytest.raises(ConfigError, match=r"lora.init_from: pytorch_lora_weights.safetensors was trained with "
+                                          r"LoRA alpha 8 but lora.alpha=4; set lora.alpha=8"):
+        check_lora_file(load_config(overrides=[f"lora.init_from={tmp_path}", "lora.alpha=4"]))
 
 
 # The model checks run last in preflight; the LoRA module check builds the UNet on the meta device, so

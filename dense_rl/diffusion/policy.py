@@ -40,10 +40,11 @@ class StepPolicy:
         self.scheduler.set_timesteps(num_steps, device=device)
         return self.scheduler.timesteps
 
-    def model_timesteps(self, step_index: torch.Tensor) -> torch.Tensor:
-        """What the denoiser is conditioned on at steps `step_index` (DDIM's t, or 1000 sigma for flow)."""
+    def model_timesteps(self, step_index) -> torch.Tensor:
+        """What the denoiser is conditioned on at steps `step_index` (an int or one per row): DDIM's
+        t, or 1000 sigma for flow."""
         timesteps = self.scheduler.timesteps
-        return timesteps[step_index.to(timesteps.device)]
+        return timesteps[torch.as_tensor(step_index, device=timesteps.device)]
 
     def distribution(self, model_output, step_index, sample, *, stochastic: bool = True):
         """(mean, std, x0) of the step from `sample`; with stochastic=False the std is 0 and the
@@ -66,12 +67,6 @@ class StepPolicy:
         """The deterministic step: (prev_sample in the sample's dtype, x0)."""
         mean, _, pred_x0 = self.distribution(model_output, step_index, sample, stochastic=False)
         return mean.to(sample.dtype), pred_x0
-
-
-def step_indices(step_index, batch_size: int) -> torch.Tensor:
-    """An int, a 0-d tensor or one index per row -> a [B] long tensor."""
-    index = torch.as_tensor(step_index)
-    return (index.expand(batch_size) if index.ndim == 0 else index).long()
 
 
 def guided_model_output(denoiser, sample, timesteps, embeds, negative, guidance_scale: float) -> torch.Tensor:
