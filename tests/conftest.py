@@ -66,6 +66,17 @@ def build_tiny_sd(folder, *, set_alpha_to_one: bool = False, sample_size: int = 
     return str(folder / "pipeline")
 
 
+class GradientRecorder(torch.optim.SGD):
+    """An optimizer that changes nothing and keeps the gradient of every step it is asked to take."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.grads: list[torch.Tensor] = []
+
+    def step(self, closure=None):
+        self.grads.append(torch.cat([p.grad.flatten().clone() for p in self.param_groups[0]["params"]]))
+
+
 def with_lora(pipe, seed: int = 0, scale: float = 0.2, rank: int = 4) -> list:
     """A seeded LoRA on the attention projections with non-zero B weights, so the policy differs from
     the base model and the adapter takes part in every forward pass; returns its parameters."""

@@ -13,20 +13,11 @@ from dense_rl.diffusion.sampler import Trajectories, sample_trajectories
 from dense_rl.lora import add_lora
 from dense_rl.update import ppo_update, score_actions
 
+from conftest import GradientRecorder
+
 PROMPTS = ["a red cat", "a blue dog", "a cat", "a dog"]
 STEPS = 6
 TRAIN = TrainConfig(batch_size=4, clip_range=10.0, adv_clip_max=10.0, max_grad_norm=1e9)
-
-
-class GradientRecorder(torch.optim.SGD):
-    """Changes nothing; keeps the gradient of every step it is asked to take."""
-
-    def __init__(self, params):
-        super().__init__(params, lr=0.0)
-        self.grads: list[torch.Tensor] = []
-
-    def step(self, closure=None):
-        self.grads.append(torch.cat([p.grad.flatten().clone() for p in self.param_groups[0]["params"]]))
 
 
 @pytest.fixture(scope="module", params=["latent", "pixel"])

@@ -16,23 +16,12 @@ from dense_rl.diffusion.pipeline import load_pipeline
 from dense_rl.diffusion.sampler import Trajectories, sample_trajectories
 from dense_rl.update import ppo_update
 
-from conftest import with_lora
+from conftest import GradientRecorder, with_lora
 
 PROMPTS = ["a red cat", "a blue dog", "a cat", "a dog"]
 STEPS = 4
 # No clipping, no gradient clipping: the tests compare raw gradients.
 TRAIN = TrainConfig(batch_size=4, clip_range=10.0, adv_clip_max=10.0, max_grad_norm=1e9)
-
-
-class GradientRecorder(torch.optim.SGD):
-    """An optimizer that changes nothing and keeps the gradient of every step it is asked to take."""
-
-    def __init__(self, params):
-        super().__init__(params, lr=0.0)
-        self.grads: list[torch.Tensor] = []
-
-    def step(self, closure=None):
-        self.grads.append(torch.cat([p.grad.flatten().clone() for p in self.param_groups[0]["params"]]))
 
 
 def policy(folder, seed=0, lora_scale=0.3):

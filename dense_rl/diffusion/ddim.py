@@ -117,6 +117,13 @@ def ddim_step_with_logprob(
             "(Stable Diffusion's scheduler config)"
         )
 
+    prev_sample, log_prob = sample_and_score(mean, std, sample, prev_sample, generator)
+    return prev_sample, log_prob, pred_x0
+
+
+def sample_and_score(mean, std, sample, prev_sample=None, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw the action from N(mean, std^2) (or take the given `prev_sample`) and its log-prob [B]:
+    the part every Gaussian step policy shares (DDIM here, the flow SDE in flow.py)."""
     if prev_sample is None:
         # The action is rounded to the sample's dtype *before* it is scored: that rounded value is what
         # is stored and what PPO rescores later, so its log-prob must be the stored one.
@@ -131,7 +138,7 @@ def ddim_step_with_logprob(
     diff = prev_sample.detach().float() - mean
     log_prob = -(diff**2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
     log_prob = log_prob.mean(dim=tuple(range(1, sample.ndim)))
-    return prev_sample.to(sample.dtype), log_prob, pred_x0
+    return prev_sample.to(sample.dtype), log_prob
 
 
 def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:

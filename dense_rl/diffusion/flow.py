@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from dense_rl.diffusion.ddim import _LOG_SQRT_2PI, _per_row, _randn_like
+from dense_rl.diffusion.ddim import _per_row, sample_and_score
 
 
 def _step_indices_per_row(step_index, sample: torch.Tensor, num_steps: int) -> torch.Tensor:
@@ -108,17 +108,5 @@ def flow_step_with_logprob(
     if not bool((std > 0).all()):
         raise ValueError("this flow step has zero std (sigma is 0 before the last step), so it has no log-prob")
 
-    if prev_sample is None:
-        # Round the action to the sample's dtype *before* scoring it: that value is stored and rescored by PPO.
-        noise = _randn_like(mean, generator)
-        prev_sample = (mean + std * noise).to(sample.dtype)
-    elif prev_sample.shape != sample.shape:
-        raise ValueError(
-            f"prev_sample shape {tuple(prev_sample.shape)} does not match sample shape {tuple(sample.shape)}"
-        )
-
-    # Gaussian log-density in float32 (fp16 squares overflow), averaged over non-batch dims.
-    diff = prev_sample.detach().float() - mean
-    log_prob = -(diff**2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-    log_prob = log_prob.mean(dim=tuple(range(1, sample.ndim)))
-    return prev_sample.to(sample.dtype), log_prob, pred_x0
+    prev_sample, log_prob = sample_and_score(mean, std, sample, prev_sample, generator)
+    return prev_sample, log_prob, pred_x0
