@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from dense_rl.advantages import compute_step_advantages
 from dense_rl.config import Config
 from dense_rl.diffusion.pipeline import denoiser, load_pipeline
-from dense_rl.diffusion.sampler import Trajectories, sample_trajectories, sampler_options
+from dense_rl.diffusion.sampler import sample_trajectories, sampler_options
+from dense_rl.diffusion.trajectories import Trajectories
 from dense_rl.lora import add_lora, load_lora_state_dict, read_lora_file
 from dense_rl.prompts import choose_prompts, load_prompts
 from dense_rl.rewards import WeightedRewards

@@ -10,7 +10,7 @@ import torch
 
 from dense_rl.config import CreditConfig
 from dense_rl.credit import step_weights_for
-from dense_rl.diffusion.sampler import Trajectories
+from dense_rl.diffusion.trajectories import Trajectories
 from dense_rl.errors import RunFailed
 from dense_rl.rewards import WeightedRewards
 

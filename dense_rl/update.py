@@ -25,7 +25,7 @@ import torch
 
 from dense_rl.config import TrainConfig
 from dense_rl.diffusion.policy import StepPolicy, guided_model_output
-from dense_rl.diffusion.sampler import Trajectories
+from dense_rl.diffusion.trajectories import Trajectories
 from dense_rl.ppo import gaussian_kl, ppo_clip_loss
 
 

@@ -1,5 +1,8 @@
-"""`python -m dense_rl.bench <name> --quick`: each benchmark runs end to end and its output is
-well-formed (results.json with finite numbers, PNG plots, a printed table). No time is asserted."""
+"""The benchmarks' output is well-formed (results.json with finite numbers, PNG plots, a printed table).
+`sample-efficiency --quick` runs end to end; throughput and scaling spend minutes starting Ray, so
+their report code (ratios, cost model, results.json, plot, table) is fed synthetic measurements here,
+and what they measure without Ray (LoRA sizes, object-store bytes) runs on the real tiny model.
+No time is asserted."""
 
 from __future__ import annotations
 
@@ -11,6 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from dense_rl.bench import scaling, throughput
+from dense_rl.bench.common import Report
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -81,18 +88,87 @@ def test_sample_efficiency_quick(tmp_path):
     assert "| method" in result.stdout and "DDPO / COCA" in result.stdout
 
 
-@pytest.mark.slow
-def test_throughput_quick(tmp_path):
-    result = run_bench("throughput", "--quick", "--out", str(tmp_path))
+# ---------------------------------------------------------------------------------------- throughput
+
+RAY_RATIOS = {
+    "coca_over_sparse_epoch_time", "credit_compute_coca_share_of_epoch", "credit_compute_coca_over_sparse",
+    "ray_sync_over_in_process_throughput", "async_over_sync_throughput",
+    "broadcast_tiny_share_of_ray_epoch", "broadcast_sd15_share_of_tiny_ray_epoch",
+    "async_over_sync_reward_gain_per_second",
+}
+
+
+def in_process_history(epoch_seconds: list[float]) -> list[dict]:
+    """What loop.train returns per epoch, as far as the benchmark reads it."""
+    return [{"epoch_seconds": s, "seconds_sample": 0.6 * s, "seconds_score": 0.1 * s,
+             "seconds_advantages": 0.05 * s, "seconds_update": 0.25 * s} for s in epoch_seconds]
+
+
+def ray_run(epoch_ends: list[float], reward_mean: list[float]) -> dict:
+    """What ray_system returns for epochs ending at `epoch_ends` (seconds on the driver's clock)."""
+    return {"epoch_seconds": [b - a for a, b in zip([epoch_ends[0] - 9.0, *epoch_ends], epoch_ends)],
+            "between_epoch_ends": [b - a for a, b in zip(epoch_ends, epoch_ends[1:])],
+            "seconds_sample_and_score": [1.0] * len(epoch_ends), "seconds_learn_and_sync": [0.5] * len(epoch_ends),
+            "reward_mean": reward_mean, "seconds_at_epoch_end": [end - epoch_ends[0] for end in epoch_ends],
+            "samples_per_epoch": 8}
+
+
+def throughput_measurements(sync_rewards=(0.10, 0.30)) -> dict:
+    """Synthetic results of `throughput --quick` (2 epochs of 8 samples per configuration), put
+    through the benchmark's own summaries: round numbers, so every ratio is known in advance."""
+    samples = 8
+    fields = {"latents": 9216.0, "x0_preds": 6144.0, "prompt_embeds": 4096.0, "images": 3072.0, "log_probs": 40.0}
+    return {
+        "in_process": {"sparse": throughput.in_process_summary(in_process_history([9.0, 2.0]), samples),
+                       "coca": throughput.in_process_summary(in_process_history([9.5, 2.5]), samples)},
+        "credit_compute_seconds": {"sparse": 0.001, "uniform": 0.0012, "coca": 0.002},
+        "ray": {"sync": throughput.ray_summary(ray_run([100.0, 104.0], list(sync_rewards)), samples),
+                "async": throughput.ray_summary(ray_run([100.0, 102.0], [0.10, 0.25]), samples)},
+        "broadcast_and_bytes": {
+            "tiny": {"seconds_median": 0.01, "seconds_min": 0.008, "put_seconds_median": 0.001, "workers": 2,
+                     "bytes": 4 * 57344, "parameters": 57344, "tensors": 56},
+            "sd15_rank4": {"seconds_median": 0.04, "seconds_min": 0.03, "put_seconds_median": 0.005, "workers": 2,
+                           "bytes": 4 * 797184, "parameters": 797184, "tensors": 128},
+            "object_store": {"batch_size": 8, "num_steps": 10, "latent_shape": [3, 16, 16], "image_shape": [3, 16, 16],
+                             "trajectory_batch_bytes": 8 * 23000, "bytes_per_trajectory": 23000.0,
+                             "field_bytes_per_trajectory": fields, "scored_batch_bytes_per_trajectory": 900.0},
+        },
+    }
+
+
+def test_steady_drops_only_the_warm_up_value():
+    assert throughput.steady([30.0, 2.0, 4.0, 3.0]) == 3.0
+    assert throughput.steady([30.0, 2.0]) == 2.0
+    assert throughput.steady([5.0]) == 5.0  # a single epoch is all there is
+
+
+def test_reward_gain_counts_from_the_first_epoch_end():
+    run = ray_run([100.0, 104.0, 108.0], [0.1, 0.2, 0.5])
+    assert throughput.reward_gain(run) == pytest.approx(
+        {"reward_gain": 0.4, "per_second": 0.4 / 8.0, "per_sample": 0.4 / 16})
+    assert throughput._ratio(3.0, 2.0) == 1.5 and throughput._ratio(-1.0, 2.0) == -0.5
+    assert math.isnan(throughput._ratio(1.0, 0.0)) and math.isnan(throughput._ratio(1.0, -0.1))
+
+
+def test_ray_summary_reads_throughput_between_epoch_ends():
+    run = throughput.ray_summary(ray_run([100.0, 103.0, 107.0], [0.1, 0.2, 0.3]), samples=8)
+    assert run["steady_epoch_seconds"] == 3.5 and run["trajectories_per_second"] == 8 / 3.5
+    single = throughput.ray_summary(ray_run([100.0], [0.1]), samples=8)  # no second end: the driver's epoch time
+    assert single["steady_epoch_seconds"] == 9.0
+
+
+def test_throughput_report_from_synthetic_measurements(tmp_path, capsys):
+    report = Report("throughput", tmp_path, {"quick": True, "epochs": 2})
+    returned = throughput.finish(report, throughput_measurements())
+    assert returned == pytest.approx({
+        "coca_over_sparse_epoch_time": 2.5 / 2.0, "credit_compute_coca_share_of_epoch": 0.002 / 2.5,
+        "credit_compute_coca_over_sparse": 2.0, "ray_sync_over_in_process_throughput": (8 / 4.0) / (8 / 2.5),
+        "async_over_sync_throughput": 2.0, "async_over_sync_reward_gain_per_second": (0.15 / 2.0) / (0.20 / 4.0),
+        "broadcast_tiny_share_of_ray_epoch": 0.01 / 4.0, "broadcast_sd15_share_of_tiny_ray_epoch": 0.04 / 4.0,
+    })
     results = load_results(tmp_path, "throughput")
     ratios = results["ratios"]
-    assert set(ratios) == {
-        "coca_over_sparse_epoch_time", "credit_compute_coca_share_of_epoch", "credit_compute_coca_over_sparse",
-        "ray_sync_over_in_process_throughput", "async_over_sync_throughput",
-        "broadcast_tiny_share_of_ray_epoch", "broadcast_sd15_share_of_tiny_ray_epoch",
-        "async_over_sync_reward_gain_per_second",
-    }
-    # 2 quick epochs: any sign; null (NaN in the report) when sync gained nothing to divide by.
+    assert set(ratios) == RAY_RATIOS
     learning = ratios.pop("async_over_sync_reward_gain_per_second")
     assert learning is None or isinstance(learning, float)
     assert all(value > 0 for value in ratios.values())
@@ -101,26 +177,127 @@ def test_throughput_quick(tmp_path):
         assert len(run["reward_mean"]) == len(run["seconds_at_epoch_end"]) == 2
         assert run["learning"]["per_second"] == pytest.approx(
             (run["reward_mean"][1] - run["reward_mean"][0]) / run["seconds_at_epoch_end"][1])
-    broadcast = results["results"]["broadcast_and_bytes"]
+    assert_png(tmp_path / "throughput.png")
+    stdout = capsys.readouterr().out
+    assert "Ray sync / in-process" in stdout and "async / sync" in stdout
+
+
+def test_throughput_report_writes_null_when_sync_learned_nothing(tmp_path, capsys):
+    report = Report("throughput", tmp_path, {"quick": True})
+    ratios = throughput.finish(report, throughput_measurements(sync_rewards=(0.30, 0.30)))
+    assert math.isnan(ratios["async_over_sync_reward_gain_per_second"])  # JSON has no NaN: null
+    assert load_results(tmp_path, "throughput")["ratios"]["async_over_sync_reward_gain_per_second"] is None
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    from dense_rl.config import load_config
+
+    # 2 steps of 4 samples: enough for every field of a trajectory batch to exist.
+    return load_config(REPO / "configs" / "tiny.yaml", ["sample.num_steps=2", "credit.window_size=2",
+                                                       "sample.batch_size=4", "train.batch_size=4"])
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_config):
+    from dense_rl.loop import build_policy
+
+    return build_policy(tiny_config)[0]
+
+
+def test_lora_sizes_of_sd15_rank4_and_the_tiny_model(tiny_pipe):
+    from dense_rl.diffusion.pipeline import denoiser
+    from dense_rl.lora import lora_state_dict
+
+    sd15 = throughput.state_size(throughput.sd15_lora_state())
     # SD 1.5's attention projections with a rank-4 adapter: 797,184 float32 parameters (about 3.2 MB).
-    assert broadcast["sd15_rank4"]["parameters"] == 797184 and broadcast["sd15_rank4"]["bytes"] == 4 * 797184
-    assert 0 < broadcast["tiny"]["bytes"] < broadcast["sd15_rank4"]["bytes"]
-    store = broadcast["object_store"]
+    assert sd15["parameters"] == 797184 and sd15["bytes"] == 4 * 797184
+    tiny = throughput.state_size(lora_state_dict(denoiser(tiny_pipe)))  # what a RolloutWorker broadcasts
+    assert 0 < tiny["bytes"] < sd15["bytes"]
+
+
+@pytest.fixture
+def one_torch_thread():
+    # As the benchmark samples (one thread per role); and on shared cores the tiny model samples
+    # ~30x slower with 2 threads than with 1.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_object_store_bytes_of_a_real_rollout_batch(tiny_config, tiny_pipe, one_torch_thread):
+    from dense_rl.diffusion.sampler import sample_trajectories, sampler_options
+    from dense_rl.rewards import WeightedRewards
+    from dense_rl.roles.reward import ScoredBatch
+    from dense_rl.scoring import score_trajectories
+
+    prompts = ["a red digit seven"] * tiny_config.sample.batch_size
+    trajectories = sample_trajectories(tiny_pipe, prompts, **sampler_options(tiny_config.sample),
+                                       generator=torch.Generator().manual_seed(0))
+    scores = score_trajectories(WeightedRewards(tiny_config.rewards), trajectories, tiny_config.credit)
+    scored = ScoredBatch(prompts, 0, scores, (trajectories.images[:8] * 255).round().to(torch.uint8))
+    store = throughput.object_store_bytes(trajectories, scored)
+    assert store["batch_size"] == 4 and store["num_steps"] == 2
     assert store["bytes_per_trajectory"] >= sum(store["field_bytes_per_trajectory"].values())
     assert {"latents", "x0_preds", "log_probs", "images"} <= set(store["field_bytes_per_trajectory"])
-    assert_png(tmp_path / "throughput.png")
-    assert "Ray sync / in-process" in result.stdout and "async / sync" in result.stdout
+    sizes = list(store["field_bytes_per_trajectory"].values())
+    assert sizes == sorted(sizes, reverse=True)  # largest first: the table names the top one
+    # The driver gets scores and a preview back, not the trajectories.
+    assert 0 < store["scored_batch_bytes_per_trajectory"] < store["bytes_per_trajectory"]
 
 
-@pytest.mark.slow
-def test_scaling_quick(tmp_path):
-    result = run_bench("scaling", "--quick", "--out", str(tmp_path))
+# ---------------------------------------------------------------------------------------- scaling
+
+A, B, C, SAMPLES = 6.0, 0.5, 1.5, 8  # rollout work shared by N, fixed sampling part, learn + sync
+
+
+def scaling_measurement(n: int) -> dict:
+    """What `measure` gives for N actors on a machine that follows T(N) = A/N + B + C exactly, from
+    2 epochs of driver metrics (the first one slower: actor start-up)."""
+    epoch = {"epoch_seconds": A / n + B + C, "seconds_sample_and_score": A / n + B, "seconds_learn_and_sync": C}
+    warm_up = {key: 10 * value for key, value in epoch.items()}
+    return scaling.steady_timings([warm_up, epoch], [50.0, 50.0 + A / n + B + C], SAMPLES)
+
+
+def test_steady_timings_skip_the_start_up_epoch():
+    measured = scaling_measurement(2)
+    assert measured["sample_and_score"] == A / 2 + B and measured["learn_and_sync"] == C
+    assert measured["steady_epoch_seconds"] == pytest.approx(A / 2 + B + C)  # between the two epoch ends
+    assert measured["trajectories_per_second"] == pytest.approx(SAMPLES / (A / 2 + B + C))
+
+
+def test_cost_model_recovers_the_terms_it_was_generated_from():
+    actors = [1, 2, 4]
+    model = scaling.cost_model(actors, {n: scaling_measurement(n) for n in actors}, SAMPLES)
+    assert model["a_rollout_seconds"] == pytest.approx(A) and model["b_fixed_sample_seconds"] == pytest.approx(B)
+    assert model["c_learn_and_sync_seconds"] == C
+    assert model["predicted_trajectories_per_second"][64] == pytest.approx(SAMPLES / (A / 64 + B + C))
+    assert model["limit_trajectories_per_second"] == pytest.approx(SAMPLES / (B + C))
+    assert model["half_of_limit_at_n"] == pytest.approx(A / (B + C))
+
+
+def test_cost_model_clips_rollouts_that_did_not_speed_up():
+    # Two actors sharing one core: sample+score grew with N, so a/N + b fits a < 0; a is clipped to 0.
+    measured = {1: {"sample_and_score": 4.0, "learn_and_sync": 1.0}, 2: {"sample_and_score": 5.0, "learn_and_sync": 1.0}}
+    model = scaling.cost_model([1, 2], measured, SAMPLES)
+    assert model["a_rollout_seconds"] == 0.0 and model["b_fixed_sample_seconds"] == pytest.approx(6.0)
+    assert all(v == pytest.approx(SAMPLES / 7.0) for v in model["predicted_trajectories_per_second"].values())
+    # One count measured: everything is rollout work, nothing fixed.
+    single = scaling.cost_model([1], {1: measured[1]}, SAMPLES)
+    assert single["a_rollout_seconds"] == 4.0 and single["b_fixed_sample_seconds"] == 0.0
+
+
+def test_scaling_report_from_synthetic_measurements(tmp_path, capsys):
+    report = Report("scaling", tmp_path, {"quick": True, "actors": [1, 2]})
+    scaling.finish(report, [1, 2], {n: scaling_measurement(n) for n in (1, 2)}, SAMPLES)
     results = load_results(tmp_path, "scaling")
     assert set(results["measured"]) == {"1", "2"}
+    assert results["speedup"]["2"] == pytest.approx((A + B + C) / (A / 2 + B + C))
     model = results["cost_model"]
     assert set(model["predicted_trajectories_per_second"]) == {"1", "2", "4", "8", "16", "32", "64"}
     predicted = [model["predicted_trajectories_per_second"][n] for n in ("1", "2", "4", "8", "16", "32", "64")]
     assert predicted == sorted(predicted)  # more actors never predicts less throughput
     assert "T(N) = a/N + b + c" in (tmp_path / "cost_model.md").read_text()
     assert_png(tmp_path / "scaling.png")
-    assert "| rollout actors" in result.stdout
+    assert "| rollout actors" in capsys.readouterr().out

@@ -9,7 +9,8 @@ import torch
 from dense_rl.config import TrainConfig
 from dense_rl.diffusion.pipeline import denoiser, load_pipeline
 from dense_rl.diffusion.policy import StepPolicy
-from dense_rl.diffusion.sampler import Trajectories, sample_trajectories
+from dense_rl.diffusion.sampler import sample_trajectories
+from dense_rl.diffusion.trajectories import Trajectories
 from dense_rl.lora import add_lora
 from dense_rl.update import ppo_update, score_actions
 

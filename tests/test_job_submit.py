@@ -80,7 +80,8 @@ def test_job_submit_to_a_head_started_here(tmp_path):
              "--runtime-env-json", json.dumps({"excludes": ["runs/", "tests/", "docs/"]}), "--",
              "python", "-m", "dense_rl.launch", "--config", "configs/tiny.yaml", "--quiet",
              "--set", f"run.output_dir={tmp_path}", "--set", "run.name=job", "--set", "run.num_epochs=2",
-             "--set", "sample.batch_size=8", "--set", "sample.num_batches_per_epoch=2", "--set", "train.batch_size=8"],
+             "--set", "sample.num_steps=10", "--set", "sample.batch_size=8", "--set", "sample.num_batches_per_epoch=2",
+             "--set", "train.batch_size=8"],
             env,
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

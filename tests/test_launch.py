@@ -18,15 +18,45 @@ PROBE = (
     "assert 'diffusers' not in sys.modules, 'a model library was imported before the input was checked'\n"
     "sys.exit(code)\n"
 )
+# The same for many inputs in one process: one Python start for all of them.
+PROBE_MANY = (
+    "import contextlib, io, json, sys\n"
+    "from dense_rl.launch import main\n"
+    "results = []\n"
+    "for argv in json.loads(sys.argv[1]):\n"
+    "    err = io.StringIO()\n"
+    "    with contextlib.redirect_stderr(err):\n"
+    "        try:\n"
+    "            code = main(argv)\n"
+    "        except SystemExit as exit:\n"
+    "            code = exit.code\n"
+    "    results.append([code, err.getvalue()])\n"
+    "assert 'ray' not in sys.modules, 'ray was imported before the input was checked'\n"
+    "assert 'diffusers' not in sys.modules, 'a model library was imported before the input was checked'\n"
+    "print(json.dumps(results))\n"
+)
 
 
 def launch(*args):
     return subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
+def launch_many(cases: list[tuple[list[str], str]]) -> None:
+    """Each argv of `cases` through main() in one process (one Python start for all of them): each
+    exits with code 2 and one stderr line that starts with its message, and none imported Ray or a
+    model library."""
+    result = subprocess.run([sys.executable, "-c", PROBE_MANY, json.dumps([argv for argv, _ in cases])],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads(result.stdout.splitlines()[-1])
+    assert len(outcomes) == len(cases)
+    for (argv, message), (code, stderr) in zip(cases, outcomes):
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(message), (argv, code, stderr)
+
+
+def test_bad_input_exits_with_one_line():
+    launch_many([
         (["--set", "train.lrr=1"], "error: train.lrr: unknown key"),
         (["--set", "sample.num_steps=ten"], "error: sample.num_steps: expected an integer"),
         (["--set", "credit.window_size=3"], "error: credit.window_size: 3 does not divide sample.num_steps"),
@@ -36,13 +66,7 @@ def launch(*args):
         (["--config", "/no/such.yaml"], "error: --config: file '/no/such.yaml' does not exist"),
         (["--resume", "/tmp"], "error: --resume: /tmp is not a dense_rl run"),
         (["--set", "lora.init_from=/no/lora.safetensors"], "error: lora.init_from: '/no/lora.safetensors' does not exist"),
-    ],
-)
-def test_bad_input_exits_with_one_line(args, message):
-    result = launch(*args)
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    ])
 
 
 def test_prompt_file_problems(tmp_path):
@@ -73,23 +97,6 @@ def test_existing_run_must_be_resumed(tmp_path):
 
 # One interpreter runs every case below (one subprocess each would cost seconds apiece): each must
 # print one line naming the field, return non-zero, and leave Ray and the model libraries unimported.
-PROBE_MANY = (
-    "import contextlib, io, json, sys\n"
-    "from dense_rl.launch import main\n"
-    "results = []\n"
-    "for argv in json.loads(sys.argv[1]):\n"
-    "    err = io.StringIO()\n"
-    "    with contextlib.redirect_stderr(err):\n"
-    "        try:\n"
-    "            code = main(argv)\n"
-    "        except SystemExit as exit:\n"
-    "            code = exit.code\n"
-    "    results.append([code, err.getvalue()])\n"
-    "assert 'ray' not in sys.modules, 'ray was imported before the input was checked'\n"
-    "assert 'diffusers' not in sys.modules, 'a model library was imported before the input was checked'\n"
-    "print(json.dumps(results))\n"
-)
-
 
 def lora_file(path, rank=8, text_width=64, module="to_k", suffix=".safetensors"):
     """A diffusers-format LoRA file (the names dense_rl.lora.save_lora writes) of a given shape."""
@@ -140,12 +147,7 @@ def test_twenty_more_bad_inputs_each_exit_before_ray(tmp_path):
          "error: lora.init_from: "),
         (["--set", "sample.batch_size=4000000"], "error: sample.batch_size: an epoch of 8000000 samples"),
     ]
-    result = subprocess.run([sys.executable, "-c", PROBE_MANY, json.dumps([argv for argv, _ in cases])],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for (argv, message), (code, stderr) in zip(cases, json.loads(result.stdout.splitlines()[-1])):
-        lines = [line for line in stderr.splitlines() if line.strip()]
-        assert code == 2 and len(lines) == 1 and lines[0].startswith(message), (argv, code, stderr)
+    launch_many(cases)
     assert len({message for _, message in cases}) == len(cases) >= 20  # each a different input and message
 
 

@@ -29,22 +29,33 @@ def test_coca_run_beats_the_base_model_on_heldout_prompts():
     assert tuned > base + 0.5
 
 
+def reward_curve(lag: int, seed: int) -> tuple[list[float], list[float], list[float]]:
+    """One in-process run of the async test (a process of its own, one torch thread): its reward
+    curve, its first-step clip fractions after epoch 0 (on-policy) and its off-policy flags."""
+    torch.set_num_threads(1)
+    overrides = ["run.num_epochs=6", "sample.num_steps=10", f"run.seed={seed}", f"cluster.max_policy_lag={lag}"]
+    history = train(load_config("configs/tiny.yaml", overrides), show_progress=False)
+    return ([m["reward_mean"] for m in history], [m["first_step_clipfrac"] for m in history[1:]],
+            [m["off_policy"] for m in history])
+
+
 def test_async_learns_as_well_per_sample_as_sync():
     """max_policy_lag 1 (each batch sampled one version behind the learner, as the Ray driver's async
     mode does) against sync, same seeds and sample budget, 3 seeds: its reward curve stays within the
     seeds' spread of sync's, and its first optimizer step of each epoch is no more clipped than sync's
-    (the stale log-probs alone would start most ratios outside the clip range)."""
+    (the stale log-probs alone would start most ratios outside the clip range). The six runs go two at
+    a time, one thread each: on 2 cores that is 1.3x faster than one after the other with two threads."""
+    import multiprocessing
     import statistics
+    from concurrent.futures import ProcessPoolExecutor
 
-    overrides = ["run.num_epochs=6", "sample.num_steps=10"]
-    curves, first_clipfracs = {}, {}
-    for lag in (0, 1):
-        for seed in (0, 1, 2):
-            config = load_config("configs/tiny.yaml", overrides + [f"run.seed={seed}", f"cluster.max_policy_lag={lag}"])
-            history = train(config, show_progress=False)
-            curves[lag, seed] = [m["reward_mean"] for m in history]
-            first_clipfracs[lag, seed] = [m["first_step_clipfrac"] for m in history[1:]]  # epoch 0 is on-policy
-            assert all(m["off_policy"] == float(lag == 1 and m["epoch"] > 0) for m in history)
+    runs = [(lag, seed) for lag in (0, 1) for seed in (0, 1, 2)]
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = dict(zip(runs, pool.map(reward_curve, *zip(*runs))))
+    curves = {run: result[0] for run, result in results.items()}
+    first_clipfracs = {run: result[1] for run, result in results.items()}
+    for (lag, _), (_, _, off_policy) in results.items():
+        assert off_policy == [float(lag == 1 and epoch > 0) for epoch in range(6)]
 
     def late_reward(lag, seed):  # the curve's second half: where learning shows
         return statistics.mean(curves[lag, seed][3:])

@@ -161,7 +161,7 @@ def test_every_dashboard_panel_has_data_from_a_real_run(tmp_path, monkeypatch):
     config = load_config("configs/tiny.yaml", [
         "cluster.address=local", f"run.output_dir={tmp_path}", "run.name=observed", f"run.num_epochs={num_epochs}",
         "cluster.num_rollout_workers=1", "cluster.num_reward_workers=1", "cluster.num_learner_workers=1",
-        "sample.batch_size=8", "sample.num_batches_per_epoch=2", "train.batch_size=8",
+        "sample.num_steps=10", "sample.batch_size=8", "sample.num_batches_per_epoch=2", "train.batch_size=8",
     ])
     answers: dict = {}
 

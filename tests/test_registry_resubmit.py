@@ -28,7 +28,7 @@ def launch_command(output_dir: Path) -> list[str]:
         sys.executable, "-m", "dense_rl.launch", "--config", "configs/tiny.yaml", "--quiet",
         "--set", "cluster.address=local", "--set", f"run.output_dir={output_dir}", "--set", "run.name=resubmitted",
         "--set", f"run.num_epochs={NUM_EPOCHS}", "--set", "cluster.num_rollout_workers=1",
-        "--set", "cluster.num_learner_workers=1", "--set", "sample.batch_size=8",
+        "--set", "cluster.num_learner_workers=1", "--set", "sample.num_steps=10", "--set", "sample.batch_size=8",
         "--set", "sample.num_batches_per_epoch=1", "--set", "train.batch_size=8",
         # A private local instance advertises the role resources itself (one node holds every role).
         "--set", "cluster.rollout_resource=rollout", "--set", "cluster.learner_resource=learner",

@@ -7,7 +7,8 @@ from diffusers import DDIMScheduler
 from dense_rl.diffusion.ddim import ddim_step_with_logprob
 from dense_rl.diffusion.pipeline import latent_shape, load_pipeline
 from dense_rl.diffusion.policy import guided_model_output
-from dense_rl.diffusion.sampler import Trajectories, sample_trajectories
+from dense_rl.diffusion.sampler import sample_trajectories
+from dense_rl.diffusion.trajectories import Trajectories
 
 from conftest import build_tiny_sd
 

@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 
 from dense_rl.config import TrainConfig
 from dense_rl.diffusion.pipeline import load_pipeline
-from dense_rl.diffusion.sampler import Trajectories, sample_trajectories
+from dense_rl.diffusion.sampler import sample_trajectories
+from dense_rl.diffusion.trajectories import Trajectories
 from dense_rl.update import ppo_update
 
 from conftest import GradientRecorder, with_lora

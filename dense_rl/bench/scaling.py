@@ -81,6 +81,11 @@ def measure(config) -> dict:
         config.run.output_dir = folder
         history = run_system(config, f"{folder}/{config.run.name}", show_progress=False,
                              on_epoch=lambda driver, metrics: ends.append(time.perf_counter()))
+    return steady_timings(history, ends, config.samples_per_epoch)
+
+
+def steady_timings(history: list[dict], ends: list[float], samples_per_epoch: int) -> dict:
+    """Per-epoch times from the driver's metrics and the epoch-end clock, and their steady medians."""
     steady = slice(1, None) if len(history) > 1 else slice(None)  # the first epoch includes actor start-up
     result = {key: [m[key] for m in history] for key in ("epoch_seconds", "seconds_sample_and_score", "seconds_learn_and_sync")}
     result["between_epoch_ends"] = [b - a for a, b in zip(ends, ends[1:])]
@@ -88,7 +93,7 @@ def measure(config) -> dict:
     result["learn_and_sync"] = statistics.median(result["seconds_learn_and_sync"][steady])
     wall = result["between_epoch_ends"] or result["epoch_seconds"][steady]
     result["steady_epoch_seconds"] = statistics.median(wall)
-    result["trajectories_per_second"] = config.samples_per_epoch / result["steady_epoch_seconds"]
+    result["trajectories_per_second"] = samples_per_epoch / result["steady_epoch_seconds"]
     return result
 
 
@@ -164,7 +169,13 @@ def main(argv=None) -> int:
             report["measured"] = {str(k): v for k, v in measured.items()}
             bar.update(1)
     bar.close()
-    samples = config.samples_per_epoch
+    finish(report, actors, measured, config.samples_per_epoch)
+    return 0
+
+
+def finish(report: Report, actors: list[int], measured: dict, samples: int) -> dict:
+    """Cost model, speed-ups, plot, cost_model.md and printed table from the measured counts; returns the model."""
+    report["measured"] = {str(k): v for k, v in measured.items()}
     model = cost_model(actors, measured, samples)
     report["cost_model"] = model
     report["speedup"] = {str(n): measured[n]["trajectories_per_second"] / measured[actors[0]]["trajectories_per_second"]
@@ -179,7 +190,7 @@ def main(argv=None) -> int:
     print()
     print(cost_model_text(model, actors, measured))
     print(f"wrote {report.out / 'results.json'}, {report.out / 'scaling.png'} and {report.out / 'cost_model.md'}")
-    return 0
+    return model
 
 
 def cost_model_text(model: dict, actors, measured) -> str:

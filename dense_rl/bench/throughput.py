@@ -120,6 +120,27 @@ def ray_system(config) -> dict:
             "samples_per_epoch": config.samples_per_epoch}
 
 
+def in_process_summary(history: list[dict], samples: int) -> dict:
+    """One in-process configuration's per-epoch times and its steady throughput."""
+    epoch_s = [m["epoch_seconds"] for m in history]
+    return {
+        "epoch_seconds": epoch_s, "steady_epoch_seconds": steady(epoch_s),
+        "trajectories_per_second": samples / steady(epoch_s),
+        **{key: [m[key] for m in history] for key in ("seconds_sample", "seconds_score", "seconds_advantages", "seconds_update")},
+    }
+
+
+def ray_summary(run: dict, samples: int) -> dict:
+    """`run` (what ray_system measured) with its steady epoch time, throughput and learning added."""
+    # Wall time between epoch ends: in async mode an epoch's sampling overlaps the previous
+    # update, so only this measures throughput; it also counts the driver's recording.
+    wall = run["between_epoch_ends"]
+    run["steady_epoch_seconds"] = statistics.median(wall) if wall else steady(run["epoch_seconds"])
+    run["trajectories_per_second"] = samples / run["steady_epoch_seconds"]
+    run["learning"] = reward_gain(run)
+    return run
+
+
 def reward_gain(run: dict) -> dict:
     """Reward gained from the first epoch's end to the last, per wall-clock second and per sample
     (start-up excluded: both modes pay it alike)."""
@@ -175,9 +196,7 @@ def broadcast_and_bytes(config, repeats: int) -> dict:
             total.append(time.perf_counter() - started)
             del ref
         return {"seconds_median": statistics.median(total), "seconds_min": min(total),
-                "put_seconds_median": statistics.median(put), "workers": len(workers),
-                "bytes": sum(t.numel() * t.element_size() for t in state.values()),
-                "parameters": sum(t.numel() for t in state.values()), "tensors": len(state)}
+                "put_seconds_median": statistics.median(put), "workers": len(workers), **state_size(state)}
 
     ray.init(address="local", num_cpus=5, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
@@ -197,10 +216,23 @@ def broadcast_and_bytes(config, repeats: int) -> dict:
         scored = ray.get(RewardWorker.options(num_cpus=1).remote(config, 1.0).score.remote(trajectories))
     finally:
         ray.shutdown()
+    results["object_store"] = object_store_bytes(trajectories, scored)
+    return results
+
+
+def state_size(state: dict[str, torch.Tensor]) -> dict:
+    """What a LoRA state weighs in a broadcast: bytes, parameters and tensors."""
+    return {"bytes": sum(t.numel() * t.element_size() for t in state.values()),
+            "parameters": sum(t.numel() for t in state.values()), "tensors": len(state)}
+
+
+def object_store_bytes(trajectories, scored) -> dict:
+    """Bytes per trajectory of a rollout batch in the object store (pickled as Ray does, protocol 5),
+    its tensor fields largest first, and of the scored batch the driver gets back."""
     fields = {name: value.numel() * value.element_size() for name, value in vars(trajectories).items()
               if isinstance(value, torch.Tensor)}
     batch = trajectories.batch_size
-    results["object_store"] = {
+    return {
         "batch_size": batch, "num_steps": trajectories.num_steps,
         "latent_shape": list(trajectories.latents.shape[2:]), "image_shape": list(trajectories.images.shape[1:]),
         "trajectory_batch_bytes": len(pickle.dumps(trajectories, protocol=5)),
@@ -208,7 +240,6 @@ def broadcast_and_bytes(config, repeats: int) -> dict:
         "field_bytes_per_trajectory": {k: v / batch for k, v in sorted(fields.items(), key=lambda kv: -kv[1])},
         "scored_batch_bytes_per_trajectory": len(pickle.dumps(scored, protocol=5)) / batch,
     }
-    return results
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -272,31 +303,25 @@ def main(argv=None) -> int:
     samples = config_for().samples_per_epoch
     for mode, name in (("sparse", stages[0]), ("coca", stages[1])):
         history = stage(name, lambda: in_process(config_for(f"credit.mode={mode}")))
-        epoch_s = [m["epoch_seconds"] for m in history]
-        results["in_process"][mode] = {
-            "epoch_seconds": epoch_s, "steady_epoch_seconds": steady(epoch_s),
-            "trajectories_per_second": samples / steady(epoch_s),
-            **{key: [m[key] for m in history] for key in ("seconds_sample", "seconds_score", "seconds_advantages", "seconds_update")},
-        }
+        results["in_process"][mode] = in_process_summary(history, samples)
         report["results"] = results
     results["credit_compute_seconds"] = stage(stages[2], lambda: credit_compute_seconds(config_for(), repeats))
     for mode, lag, name in (("sync", 0, stages[3]), ("async", 1, stages[4])):
         run = stage(name, lambda: ray_system(config_for(*SINGLE, f"cluster.max_policy_lag={lag}")))
-        # Wall time between epoch ends: in async mode an epoch's sampling overlaps the previous
-        # update, so only this measures throughput; it also counts the driver's recording.
-        wall = run["between_epoch_ends"]
-        run["steady_epoch_seconds"] = statistics.median(wall) if wall else steady(run["epoch_seconds"])
-        run["trajectories_per_second"] = samples / run["steady_epoch_seconds"]
-        run["learning"] = reward_gain(run)
-        results["ray"][mode] = run
+        results["ray"][mode] = ray_summary(run, samples)
         report["results"] = results
     results["broadcast_and_bytes"] = stage(stages[5], lambda: broadcast_and_bytes(config_for(), repeats))
     bar.close()
+    finish(report, results)
+    return 0
 
+
+def ratios_of(results: dict) -> dict:
+    """The side-by-side ratios the benchmark reports, from its measured results."""
     inproc, ray_runs, credit = results["in_process"], results["ray"], results["credit_compute_seconds"]
     bcast = results["broadcast_and_bytes"]
     sync_epoch = ray_runs["sync"]["steady_epoch_seconds"]
-    ratios = {
+    return {
         "coca_over_sparse_epoch_time": inproc["coca"]["steady_epoch_seconds"] / inproc["sparse"]["steady_epoch_seconds"],
         "credit_compute_coca_share_of_epoch": credit["coca"] / inproc["coca"]["steady_epoch_seconds"],
         "credit_compute_coca_over_sparse": credit["coca"] / credit["sparse"],
@@ -308,11 +333,18 @@ def main(argv=None) -> int:
         "broadcast_tiny_share_of_ray_epoch": bcast["tiny"]["seconds_median"] / sync_epoch,
         "broadcast_sd15_share_of_tiny_ray_epoch": bcast["sd15_rank4"]["seconds_median"] / sync_epoch,
     }
+
+
+def finish(report: Report, results: dict) -> dict:
+    """Ratios, results.json, plot and printed table from the measured `results`; returns the ratios."""
+    ratios = ratios_of(results)
     report["results"] = results
     report["ratios"] = ratios
     plot(results, report.out / "throughput.png")
     report.finish()
 
+    inproc, ray_runs, credit = results["in_process"], results["ray"], results["credit_compute_seconds"]
+    bcast = results["broadcast_and_bytes"]
     store = bcast["object_store"]
     top = next(iter(store["field_bytes_per_trajectory"].items()))
     rows = [
@@ -337,4 +369,4 @@ def main(argv=None) -> int:
     print(table(rows, ("measured side by side in this run", "ratio / value", "numbers")))
     print(f"load average at start {report['load_average_start']}, now {load_average()} (on {os.cpu_count()} cores)")
     print(f"wrote {report.out / 'results.json'} and {report.out / 'throughput.png'}")
-    return 0
+    return ratios

@@ -18,7 +18,6 @@ tiny models) diffuses in pixel space.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +28,8 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
 )
+
+from dense_rl.diffusion.trajectories import PromptEmbeds
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_PREFIX = "embedded:"
@@ -142,32 +143,6 @@ def latent_shape(pipe, resolution: int | None = None) -> tuple[int, int, int]:
         raise ValueError(f"sample.resolution: {resolution} is not a multiple of {multiple} (the VAE's downscaling "
                          f"x the transformer's patch size); pick e.g. {resolution // multiple * multiple or multiple}")
     return config.in_channels, resolution // scale, resolution // scale
-
-
-@dataclass(frozen=True)
-class PromptEmbeds:
-    """What the denoiser is conditioned on: token embeddings [B, L, D] (the UNet cross-attends to them;
-    SD3's transformer attends jointly) and, for SD3, the pooled text embeddings [B, P]
-    (`pooled_projections`); None for SD 1.x/2.x."""
-
-    embeds: torch.Tensor
-    pooled: torch.Tensor | None = None
-
-    def to(self, *args, **kwargs) -> "PromptEmbeds":
-        """Both tensors moved/cast like `Tensor.to(*args, **kwargs)`."""
-        return PromptEmbeds(self.embeds.to(*args, **kwargs),
-                            None if self.pooled is None else self.pooled.to(*args, **kwargs))
-
-    def __len__(self) -> int:
-        return self.embeds.shape[0]
-
-    @staticmethod
-    def cat(parts: list["PromptEmbeds"]) -> "PromptEmbeds":
-        """Concatenate along the batch."""
-        pooled = [p.pooled for p in parts]
-        if any(p is None for p in pooled) and not all(p is None for p in pooled):
-            raise ValueError("cannot concatenate prompt embeddings with and without pooled embeddings")
-        return PromptEmbeds(torch.cat([p.embeds for p in parts]), None if pooled[0] is None else torch.cat(pooled))
 
 
 def t5_sequence_length(pipe) -> int:

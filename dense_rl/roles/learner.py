@@ -114,10 +114,10 @@ def learner_loop(loop_config: dict) -> None:
 
     from dense_rl import chaos, metrics
     from dense_rl.diffusion.pipeline import denoiser
-    from dense_rl.diffusion.sampler import Trajectories
+    from dense_rl.diffusion.trajectories import Trajectories
     from dense_rl.lora import lora_state_dict
     from dense_rl.loop import build_policy
-    from dense_rl.roles.rollout import use_actor_cpus
+    from dense_rl.roles import use_actor_cpus
     from dense_rl.run_dir import RunDir
     from dense_rl.update import make_grad_scaler, make_optimizer, ppo_update
 
@@ -307,10 +307,13 @@ class LearnerGroup:
                     self.start_point = (message.version, message.checkpoint)
                 return message
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Tell every rank to return; `wait=False` when the run failed before the group was needed (it
+        returns on its own once started, without holding up the error)."""
         for inbox in self.inboxes:
             try:
                 inbox.put(None)
             except Exception:  # the queue actor is already gone when Ray is shutting down
                 pass
-        self.thread.join(timeout=60)
+        if wait:
+            self.thread.join(timeout=60)

@@ -10,9 +10,9 @@ import torch
 
 from dense_rl import metrics
 from dense_rl.config import Config
-from dense_rl.diffusion.sampler import Trajectories
+from dense_rl.diffusion.trajectories import Trajectories
 from dense_rl.errors import start_errors
-from dense_rl.roles.rollout import use_actor_cpus
+from dense_rl.roles import use_actor_cpus
 from dense_rl.scoring import Scores, score_trajectories
 
 

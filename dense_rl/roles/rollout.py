@@ -17,14 +17,11 @@ from dense_rl import metrics
 
 from dense_rl.config import Config
 from dense_rl.diffusion.pipeline import denoiser
-from dense_rl.diffusion.sampler import Trajectories, sample_trajectories, sampler_options
+from dense_rl.diffusion.sampler import sample_trajectories, sampler_options
+from dense_rl.diffusion.trajectories import Trajectories
 from dense_rl.errors import start_errors
 from dense_rl.lora import load_lora_state_dict, lora_state_dict
-
-
-def use_actor_cpus(num_cpus: float) -> None:
-    """Match torch's thread pool to the CPUs Ray gave this actor, so actors do not oversubscribe."""
-    torch.set_num_threads(max(1, int(num_cpus)))
+from dense_rl.roles import use_actor_cpus
 
 
 @ray.remote(concurrency_groups={"weights": 1})
