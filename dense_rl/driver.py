@@ -63,16 +63,14 @@ class Driver:
                                  ).remote(config, cluster.reward_cpus)
             for _ in range(cluster.num_reward_workers)
         ]
-        # The learner group starts while the rollout and reward actors start: each chain spends most
-        # of its time starting processes and importing torch, which overlap.
-        self.learner = LearnerGroup(config, self.rollout_workers, recorder.run.uri, start_version=state.epoch,
-                                    resume_from=resume_from)
         self._wait_until_started()
         self.recovery = Recovery(self.rollout_workers, self.reward_workers, config, [r.name for r in config.rewards])
         if initial_weights is not None:  # resuming: rollouts start from the checkpoint's LoRA
             self.recovery.set_weights(state.epoch, initial_weights)
             version, weights = self.recovery.weights
             ray.get([w.set_weights.remote(version, weights) for w in self.rollout_workers])
+        self.learner = LearnerGroup(config, self.rollout_workers, recorder.run.uri, start_version=state.epoch,
+                                    resume_from=resume_from)
         self.prometheus = DriverMetrics(config, self.rollout_workers)  # Prometheus, via Ray's metrics agent
 
     def _wait_until_started(self) -> None:
@@ -85,7 +83,6 @@ class Driver:
                       "reward": "check rewards[].name and rewards[].path"},
             )
         except BaseException:
-            self.learner.close(wait=False)
             for actor in self.rollout_workers + self.reward_workers:  # a Ray session shared with others keeps going
                 ray.kill(actor)
             raise

@@ -307,13 +307,10 @@ class LearnerGroup:
                     self.start_point = (message.version, message.checkpoint)
                 return message
 
-    def close(self, wait: bool = True) -> None:
-        """Tell every rank to return; `wait=False` when the run failed before the group was needed (it
-        returns on its own once started, without holding up the error)."""
+    def close(self) -> None:
         for inbox in self.inboxes:
             try:
                 inbox.put(None)
             except Exception:  # the queue actor is already gone when Ray is shutting down
                 pass
-        if wait:
-            self.thread.join(timeout=60)
+        self.thread.join(timeout=60)
