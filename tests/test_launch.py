@@ -252,4 +252,6 @@ def test_an_actor_that_cannot_start_ends_the_run_at_once_with_the_cause(tmp_path
         f"'{model / 'unet' / 'diffusion_pytorch_model.safetensors'}'"), errors[0]
     assert "(cause: SafetensorError: Error while deserializing header" in errors[0], errors[0]
     assert "check model.pretrained=" in errors[0] and "\n" not in errors[0]
-    assert seconds < 60, f"took {seconds:.0f} s"
+    # Not a speed target (the launch's own Ray start took 30-95 s on this 2-core machine): the bound
+    # tells ending at the failed constructor from hanging until the 180-s timeout above.
+    assert seconds < 150, f"took {seconds:.0f} s"
