@@ -10,8 +10,8 @@ HPS_REF := $(VENV)/hpsv2-reference
 
 .PHONY: install run test test-fast clean
 
-# uv resolves and installs in parallel: the whole install takes about half a minute where pip took
-# minutes. It reads no pip.conf, so the torch wheel on this disk is named with --find-links.
+# uv resolves and installs in parallel: the whole install took about a minute on a clean clone where
+# pip took 6. It reads no pip.conf, so the torch wheel on this disk is named with --find-links.
 UV := $(PY) -m uv pip install --python $(PY) --quiet -c constraints.txt $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 
 $(STAMP): pyproject.toml constraints.txt

@@ -216,16 +216,6 @@ def test_lora_sizes_of_sd15_rank4_and_the_tiny_model(tiny_pipe):
     assert 0 < tiny["bytes"] < sd15["bytes"]
 
 
-@pytest.fixture
-def one_torch_thread():
-    # As the benchmark samples (one thread per role); and on shared cores the tiny model samples
-    # ~30x slower with 2 threads than with 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_object_store_bytes_of_a_real_rollout_batch(tiny_config, tiny_pipe, one_torch_thread):
     from dense_rl.diffusion.sampler import sample_trajectories, sampler_options
     from dense_rl.rewards import WeightedRewards

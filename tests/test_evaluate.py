@@ -20,7 +20,7 @@ from dense_rl.prompts import load_prompts
 from dense_rl.rewards.tiny import DigitAlignmentReward, PreferenceReward
 from dense_rl.run_dir import RunDir
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 RUN_OVERRIDES = [
     "cluster.address=local", "cluster.num_rollout_workers=1", "cluster.num_reward_workers=1",
@@ -28,15 +28,6 @@ RUN_OVERRIDES = [
     "train.batch_size=8", "run.num_epochs=2", "run.name=evaluated",
 ]
 NUM_PROMPTS, SAMPLES_PER_PROMPT, BATCH_SIZE, SEED = 6, 2, 5, 3  # 12 images: batches of 5, 5, 2
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Sampling the tiny model is ~100x slower with 2 threads than with 1 when the cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -95,9 +95,6 @@ def test_existing_run_must_be_resumed(tmp_path):
     assert result.returncode == 2 and f"--resume {run}" in result.stderr
 
 
-# One interpreter runs every case below (one subprocess each would cost seconds apiece): each must
-# print one line naming the field, return non-zero, and leave Ray and the model libraries unimported.
-
 def lora_file(path, rank=8, text_width=64, module="to_k", suffix=".safetensors"):
     """A diffusers-format LoRA file (the names dense_rl.lora.save_lora writes) of a given shape."""
     from safetensors.torch import save_file

@@ -1,8 +1,8 @@
 """The Ray roles. Each is a thin wrapper around the plain-PyTorch algorithm in dense_rl/*."""
 
+import torch
+
 
 def use_actor_cpus(num_cpus: float) -> None:
     """Match torch's thread pool to the CPUs Ray gave this actor, so actors do not oversubscribe."""
-    import torch
-
     torch.set_num_threads(max(1, int(num_cpus)))
