@@ -20,7 +20,7 @@ from test_registry_resubmit import kill_job, latest_epoch
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-NUM_EPOCHS = 6
+NUM_EPOCHS = 8
 KILLS = 3
 
 
@@ -73,10 +73,11 @@ def test_driver_sigkilled_at_random_points_resumes_each_time(tmp_path):
             log = tmp_path / f"attempt-{kill}.log"
             before = latest_epoch(run)
             process = launch(output, resume=kill > 0, log=log, env=env)
-            # Let this attempt make progress, then kill it at a random moment of a later epoch.
+            # Let this attempt make progress, then kill it at a random moment of the next epoch: the
+            # delay is a fraction of the epoch just finished, so a fast machine cannot finish the run first.
             wait_for(lambda: latest_epoch(run) > before or process.poll() is not None, "an epoch", 600)
             assert process.poll() is None, log.read_text()[-3000:]
-            time.sleep(rng.uniform(0.0, 8.0))
+            time.sleep(rng.uniform(0.0, 1.0) * run.read_table("metrics.parquet")[-1]["epoch_seconds"])
             kill_job(process, ray_tmpdir)
             assert_whole(run)
             latest = latest_epoch(run)

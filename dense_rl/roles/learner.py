@@ -58,14 +58,17 @@ class Work:
     start_checkpoint: str | None  # the checkpoint of version `epoch`, for a group that is not there
 
 
-def next_work(inbox: Queue):
+def next_work(inbox: Queue) -> Work | None:
+    import ray
+
     # Short polls: a get left waiting by a worker that died must not outlive it and swallow the item
     # meant for its successor.
     while True:
         try:
-            return inbox.get(block=True, timeout=2.0)
+            item = inbox.get(block=True, timeout=2.0)
         except Empty:
             continue
+        return None if item is None else ray.get(item[0])
 
 
 def publish(version: int, state: dict, rollout_workers: list) -> list:
@@ -278,8 +281,12 @@ class LearnerGroup:
         self._serve()
 
     def _serve(self) -> None:
+        import ray
+
+        # Each Work goes in as an object reference the queue actor never opens: unpickling the Work
+        # itself would make every queue actor import torch and this module (seconds of CPU each).
         for inbox, work in zip(self.inboxes, self.served):
-            inbox.put(work)
+            inbox.put([ray.put(work)])
 
     def _started(self, message: LearnerStarted, epoch: int) -> None:
         self.starts += 1

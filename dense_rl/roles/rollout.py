@@ -3,6 +3,9 @@
 `set_weights` runs in its own concurrency group, beside a `generate` in progress rather than queued
 behind it: it fetches the new LoRA state and parks it, and the next `generate` swaps it in before it
 samples. So a broadcast costs what the transfer costs, and no trajectory mixes two policy versions.
+
+The driver imports this module to create the actors but never samples, so the diffusion stack
+(diffusers, transformers, peft: about 7 s of imports) is imported in the actor's methods only.
 """
 
 from __future__ import annotations
@@ -14,13 +17,9 @@ import ray
 import torch
 
 from dense_rl import metrics
-
 from dense_rl.config import Config
-from dense_rl.diffusion.pipeline import denoiser
-from dense_rl.diffusion.sampler import sample_trajectories, sampler_options
 from dense_rl.diffusion.trajectories import Trajectories
 from dense_rl.errors import start_errors
-from dense_rl.lora import load_lora_state_dict, lora_state_dict
 from dense_rl.roles import use_actor_cpus
 
 
@@ -28,7 +27,7 @@ from dense_rl.roles import use_actor_cpus
 class RolloutWorker:
     @start_errors  # a failed start reaches the driver as one line (errors.py)
     def __init__(self, config: Config, num_cpus: float = 1.0):
-        from dense_rl.loop import build_policy  # imported in the actor, not at driver import time
+        from dense_rl.loop import build_policy
 
         use_actor_cpus(num_cpus)
         self.config = config
@@ -49,6 +48,9 @@ class RolloutWorker:
         return version
 
     def _swap_in_pending(self) -> None:
+        from dense_rl.diffusion.pipeline import denoiser
+        from dense_rl.lora import load_lora_state_dict
+
         with self._pending_lock:
             pending, self._pending = self._pending, None
         if pending is not None:
@@ -61,6 +63,7 @@ class RolloutWorker:
         `weights` (version, [ObjectRef]) are swapped in first: calls in different concurrency groups
         run in no fixed order, so a caller that needs this batch on given weights passes them here."""
         from dense_rl import chaos
+        from dense_rl.diffusion.sampler import sample_trajectories, sampler_options
 
         if weights is not None:
             self.set_weights(*weights)
@@ -82,5 +85,8 @@ class RolloutWorker:
 
     def weights(self) -> tuple[int, dict]:
         """(version, LoRA state): lets tests and the driver check what this worker samples with."""
+        from dense_rl.diffusion.pipeline import denoiser
+        from dense_rl.lora import lora_state_dict
+
         self._swap_in_pending()
         return self.version, lora_state_dict(denoiser(self.pipe))
