@@ -73,11 +73,13 @@ def test_driver_sigkilled_at_random_points_resumes_each_time(tmp_path):
             log = tmp_path / f"attempt-{kill}.log"
             before = latest_epoch(run)
             process = launch(output, resume=kill > 0, log=log, env=env)
-            # Let this attempt make progress, then kill it at a random moment of the next epoch: the
-            # delay is a fraction of the epoch just finished, so a fast machine cannot finish the run first.
-            wait_for(lambda: latest_epoch(run) > before or process.poll() is not None, "an epoch", 600)
+            # Let this attempt make progress (two epochs the first time, so one epoch without Ray's start
+            # is on record), then kill it at a random moment of the next epoch: the delay is a fraction of
+            # the shortest epoch so far, so however fast the machine, the run cannot finish first.
+            wait_for(lambda: latest_epoch(run) >= max(before + 1, 2) or process.poll() is not None, "an epoch", 600)
             assert process.poll() is None, log.read_text()[-3000:]
-            time.sleep(rng.uniform(0.0, 1.0) * run.read_table("metrics.parquet")[-1]["epoch_seconds"])
+            steady_epoch = min(row["epoch_seconds"] for row in run.read_table("metrics.parquet"))
+            time.sleep(rng.uniform(0.0, 1.0) * steady_epoch)
             kill_job(process, ray_tmpdir)
             assert_whole(run)
             latest = latest_epoch(run)
