@@ -22,7 +22,9 @@ import threading
 import time
 from dataclasses import dataclass
 
+import ray
 import torch
+from ray.exceptions import RayActorError
 from ray.util.queue import Empty, Queue
 
 from dense_rl.checkpoint import checkpoint_name, checkpoint_version, restore_learner, write_learner_files
@@ -59,8 +61,6 @@ class Work:
 
 
 def next_work(inbox: Queue) -> Work | None:
-    import ray
-
     # Short polls: a get left waiting by a worker that died must not outlive it and swallow the item
     # meant for its successor.
     while True:
@@ -74,9 +74,6 @@ def next_work(inbox: Queue) -> Work | None:
 def publish(version: int, state: dict, rollout_workers: list) -> list:
     """ray.put once, set on every RolloutWorker and wait, so the next epoch samples on-policy. A dead
     rollout actor is skipped: the driver hands it the newest weights when it is back."""
-    import ray
-    from ray.exceptions import RayActorError
-
     weights = ray.put(state)
     for call in [worker.set_weights.remote(version, [weights]) for worker in rollout_workers]:
         try:
@@ -281,8 +278,6 @@ class LearnerGroup:
         self._serve()
 
     def _serve(self) -> None:
-        import ray
-
         # Each Work goes in as an object reference the queue actor never opens: unpickling the Work
         # itself would make every queue actor import torch and this module (seconds of CPU each).
         for inbox, work in zip(self.inboxes, self.served):
