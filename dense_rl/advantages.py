@@ -36,8 +36,8 @@ def _validate(prompts, rewards: np.ndarray, step_weights, credit_mode: str, num_
         raise ValueError(f"rewards must be [B] final rewards, got shape {rewards.shape}")
     if len(prompts) != rewards.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts for {rewards.shape[0]} rewards")
-    if credit_mode == "coca" and step_weights is None:
-        raise ValueError("credit_mode 'coca' needs step_weights [B, T] (from dense_rl.credit.coca_step_weights)")
+    if credit_mode in ("coca", "reward_gain") and step_weights is None:
+        raise ValueError(f"credit_mode {credit_mode!r} needs step_weights [B, T] (from dense_rl.credit.step_weights_for)")
     if step_weights is not None and tuple(step_weights.shape) != (rewards.shape[0], num_steps):
         raise ValueError(
             f"step_weights must be [B, T] = {(rewards.shape[0], num_steps)}, got {tuple(step_weights.shape)}"
@@ -72,7 +72,7 @@ def compute_step_advantages(
     """Advantages [B, T] float32 for every denoising step, and an info dict of scalars.
 
     1. A = normalised final reward, clipped to +-adv_clip_max.
-    2. sparse: A on every step. uniform / coca: step rewards r = shape_step_rewards(A, weights,
+    2. sparse: A on every step. uniform / coca / reward_gain: step rewards r = shape_step_rewards(A, weights,
        temporal_alpha) (uniform ignores ``step_weights`` and uses 1/T), normalised again and clipped.
 
     ``advantages`` picks the normaliser of both stages:
@@ -91,7 +91,7 @@ def compute_step_advantages(
       The trackers are not used (and may be None). A group of one sample gets advantage 0 on every
       step: GRPO needs ``sample.samples_per_prompt >= 2`` (config validation checks it).
 
-    ``window_size`` only sets which steps the coca credit-share metrics report on.
+    ``window_size`` only sets which steps the credit-share metrics (coca, reward_gain) report on.
     """
     rewards = _as_numpy(rewards)
     _validate(prompts, rewards, step_weights, credit_mode, num_steps)

@@ -150,8 +150,9 @@ def _denoiser_config(folder: Path) -> tuple[str, dict]:
 
 
 def trajectory_bytes_per_sample(config: Config) -> int | None:
-    """What one sampled trajectory holds (latents and predicted x0 at every step, log-probs, prompt
-    embeddings, the decoded image), from the model's config files; None when they are not on disk."""
+    """What one sampled trajectory puts in the object store (its latents at every step, log-probs and
+    cosines, prompt embeddings, the 8-bit image and, for reward_gain credit, the 8-bit images decoded
+    at the window boundaries), from the model's config files; None when they are not on disk."""
     folder = _model_folder(config)
     if folder is None:
         return None
@@ -170,8 +171,10 @@ def trajectory_bytes_per_sample(config: Config) -> int | None:
     # A flow transformer's text sequence is as wide as its joint attention (CLIP and T5 concatenated).
     width = denoiser.get("joint_attention_dim", text.get("hidden_size", 768))
     embeds = text.get("max_position_embeddings", 77) * width
-    embeds *= 2 if config.sample.guidance_scale > 1 else 1  # the negative prompt's, for guidance
-    return (2 * steps + 1) * latent * value + steps * 4 + embeds * value + image * 4
+    # The negative prompt's embedding is one per batch, not per sample.
+    embeds *= 1 + (1 / config.sample.batch_size if config.sample.guidance_scale > 1 else 0)
+    boundaries = steps // config.credit.window_size if config.credit.mode == "reward_gain" else 0
+    return int((steps + 1) * latent * value + 2 * steps * 4 + embeds * value + image * (1 + boundaries))
 
 
 def _size(count: float) -> str:

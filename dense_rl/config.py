@@ -68,7 +68,7 @@ class RewardSpec:
 
 @dataclass
 class CreditConfig:
-    mode: str = "coca"  # coca | uniform (UCA) | sparse (DDPO)
+    mode: str = "coca"  # coca | uniform (UCA) | sparse (DDPO) | reward_gain (scores each window boundary)
     window_size: int = 5
     temporal_alpha: float = 0.0
     buffer_size: int = 32  # trajectories kept per prompt by both normalisation stages
@@ -107,15 +107,22 @@ class RunConfig:
 @dataclass
 class ClusterConfig:
     address: str | None = None  # a Ray address; None joins a running cluster if any, else starts one; "local" always starts one
-    num_rollout_workers: int = 2
+    # Worker counts and CPUs left empty (null) are chosen from the CPUs the Ray cluster reports
+    # (dense_rl/layout.py); set any of them to place the roles yourself.
+    num_rollout_workers: int | None = None
     num_reward_workers: int = 1
-    num_learner_workers: int = 2  # Ray Train DDP workers
-    rollout_cpus: float = 1.0  # per actor; torch uses this many threads
+    num_learner_workers: int | None = None  # Ray Train DDP workers
+    rollout_cpus: float | None = None  # per actor; torch uses this many threads unless rollout_threads says otherwise
     rollout_gpus: float = 0.0  # per actor; > 0 places the pipeline on CUDA
-    reward_cpus: float = 0.5
+    reward_cpus: float | None = None
     reward_gpus: float = 0.0
-    learner_cpus: float = 1.0
+    learner_cpus: float | None = None
     learner_gpus: float = 0.0  # per worker; > 0 trains on CUDA with NCCL
+    # torch threads per actor; null: the CPUs it asks for (at least 1). A layout whose roles take turns
+    # on the same cores (sync mode) asks Ray for a share of a core and uses more threads than that.
+    rollout_threads: int | None = None
+    reward_threads: int | None = None
+    learner_threads: int | None = None
     max_policy_lag: int = 0  # 0: sync, exactly on-policy; 1: async, rollouts overlap the update (decoupled PPO)
     # Fault tolerance (docs/reliability.md): restarts of a dead rollout/reward actor, retries of a
     # failed reward call before the run stops, and learner-group restarts (Ray Train FailureConfig).
@@ -130,12 +137,24 @@ class ClusterConfig:
     reward_resource: str = ""
     learner_resource: str = ""
 
+    @property
+    def is_placed(self) -> bool:
+        """Every count and CPU share set (by the user or by dense_rl.layout.fit_layout)."""
+        return None not in (self.num_rollout_workers, self.num_learner_workers, self.rollout_cpus,
+                            self.reward_cpus, self.learner_cpus)
+
+    def threads(self, role: str) -> int:
+        """torch threads for one actor of `role` (rollout, reward, learner)."""
+        threads = getattr(self, f"{role}_threads")
+        return threads if threads is not None else max(1, int(getattr(self, f"{role}_cpus") or 1))
+
     def custom_resources(self, role: str) -> dict[str, float]:
         """{"<cluster.ROLE_resource>": 1} or {} for role in rollout, reward, learner."""
         name = getattr(self, f"{role}_resource")
         return {name: 1.0} if name else {}
 
     def resources_needed(self) -> dict[str, float]:
+        """What the actors and learners ask Ray for; only for a placed layout (is_placed)."""
         needed = {
             "CPU": self.num_rollout_workers * self.rollout_cpus + self.num_reward_workers * self.reward_cpus
             + self.num_learner_workers * self.learner_cpus,
@@ -328,7 +347,7 @@ def validate(config: Config) -> None:
     _require(credit.advantages != "group" or sample.samples_per_prompt >= 2, "sample.samples_per_prompt",
              f"group advantages compare each prompt's samples, so it must be >= 2 (got {sample.samples_per_prompt})")
     _require(credit.window_size >= 1, "credit.window_size", f"must be >= 1, got {credit.window_size}")
-    _require(credit.mode != "coca" or sample.num_steps % credit.window_size == 0, "credit.window_size",
+    _require(credit.mode not in ("coca", "reward_gain") or sample.num_steps % credit.window_size == 0, "credit.window_size",
              f"{credit.window_size} does not divide sample.num_steps={sample.num_steps}; pick a divisor")
     _require(0.0 <= credit.temporal_alpha <= 1.0, "credit.temporal_alpha", f"must be in [0, 1], got {credit.temporal_alpha}")
     _require(credit.buffer_size >= 1, "credit.buffer_size", f"must be >= 1, got {credit.buffer_size}")
@@ -348,12 +367,16 @@ def validate(config: Config) -> None:
     _require(train.kl_beta >= 0, "train.kl_beta", f"must be >= 0, got {train.kl_beta}")
 
     cluster = config.cluster
-    for name in ("num_rollout_workers", "num_reward_workers", "num_learner_workers"):
-        _require(getattr(cluster, name) >= 1, f"cluster.{name}", f"must be >= 1, got {getattr(cluster, name)}")
+    for name in ("num_rollout_workers", "num_reward_workers", "num_learner_workers",
+                 "rollout_threads", "reward_threads", "learner_threads"):
+        value = getattr(cluster, name)
+        _require(value is None or value >= 1, f"cluster.{name}", f"must be >= 1 (or null: chosen from the cluster), got {value}")
     for name in ("rollout_cpus", "reward_cpus", "learner_cpus", "rollout_gpus", "reward_gpus", "learner_gpus"):
-        _require(getattr(cluster, name) >= 0, f"cluster.{name}", f"must be >= 0, got {getattr(cluster, name)}")
-    _require(train.batch_size % cluster.num_learner_workers == 0, "train.batch_size",
-             f"{train.batch_size} is not divisible by cluster.num_learner_workers={cluster.num_learner_workers}; "
+        value = getattr(cluster, name)
+        _require(value is None or value >= 0, f"cluster.{name}", f"must be >= 0, got {value}")
+    learners = cluster.num_learner_workers
+    _require(learners is None or train.batch_size % learners == 0, "train.batch_size",
+             f"{train.batch_size} is not divisible by cluster.num_learner_workers={learners}; "
              "each learner takes an equal share of every optimizer step")
     for name in ("actor_restarts", "reward_retries", "learner_failures"):
         _require(getattr(cluster, name) >= 0, f"cluster.{name}", f"must be >= 0, got {getattr(cluster, name)}")

@@ -54,13 +54,13 @@ class Driver:
         self.rollout_workers = [
             RolloutWorker.options(num_cpus=cluster.rollout_cpus, num_gpus=cluster.rollout_gpus,
                                   resources=cluster.custom_resources("rollout"), **restarts
-                                  ).remote(config, cluster.rollout_cpus)
+                                  ).remote(config, cluster.threads("rollout"))
             for _ in range(cluster.num_rollout_workers)
         ]
         self.reward_workers = [
             RewardWorker.options(num_cpus=cluster.reward_cpus, num_gpus=cluster.reward_gpus,
                                  resources=cluster.custom_resources("reward"), **restarts
-                                 ).remote(config, cluster.reward_cpus)
+                                 ).remote(config, cluster.threads("reward"))
             for _ in range(cluster.num_reward_workers)
         ]
         self._wait_until_started()

@@ -114,11 +114,13 @@ def fixed_noise_batches(prompts: list[str], samples_per_prompt: int, batch_size:
 
 
 def sample_images(pipe, config: Config, prompts: list[str], seed: int) -> torch.Tensor:
+    """Images as training scores them: 8-bit, back in [0, 1] (Trajectories.for_reward)."""
     from dense_rl.diffusion.sampler import sample_trajectories, sampler_options
+    from dense_rl.diffusion.trajectories import RewardInputs
 
     trajectories = sample_trajectories(pipe, prompts, **sampler_options(config.sample),
                                        generator=torch.Generator().manual_seed(seed))
-    return trajectories.images
+    return RewardInputs.as_float(trajectories.for_reward().images)
 
 
 def evaluate_run(

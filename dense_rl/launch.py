@@ -116,10 +116,12 @@ def start_ray(config: Config, verbose: bool = False) -> None:
     if address and address != "local":
         ray.init(address=address, **options)
         return
-    # Logical CPUs: actors are sized for a real cluster; on a laptop they share its cores.
-    num_cpus = max(math.ceil(config.cluster.resources_needed()["CPU"]), os.cpu_count() or 1)
+    # This machine's CPUs (a layout left to dense_rl.layout fits them); an explicit layout sized for a
+    # real cluster gets as many logical CPUs as it asks for, and its actors share the cores.
+    needed = config.cluster.resources_needed() if config.cluster.is_placed else {}
+    num_cpus = max(math.ceil(needed.get("CPU", 0)), os.cpu_count() or 1)
     # A private instance is one node holding every role: it advertises the cluster.*_resource units too.
-    custom = {k: v for k, v in config.cluster.resources_needed().items() if k not in ("CPU", "GPU")} or None
+    custom = {k: v for k, v in needed.items() if k not in ("CPU", "GPU")} or None
     if address == "local":
         ray.init(address="local", num_cpus=num_cpus, resources=custom, **options)
         return
@@ -159,6 +161,7 @@ def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verb
 
     from dense_rl.checkpoint import load_resume_point
     from dense_rl.driver import Driver
+    from dense_rl.layout import placed
     from dense_rl.registry import RunTracker
     from dense_rl.run_dir import RunDir
     from dense_rl.run_record import RunRecorder
@@ -170,6 +173,9 @@ def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verb
     own_session = not ray.is_initialized()
     start_ray(config, verbose)
     try:
+        # Counts and CPU shares left empty are chosen from what this cluster has; config.yaml keeps
+        # them empty, so a resume on another cluster chooses again.
+        config = placed(config, ray.cluster_resources().get("CPU", 1.0))
         wait_for_resources(config)  # before anything is written: a run that cannot be placed leaves no trace
         if checkpoint is not None:
             log.info("resuming %s from %s (epoch %d)", run.uri, checkpoint, state.epoch)

@@ -17,7 +17,7 @@ from dense_rl.advantages import compute_step_advantages
 from dense_rl.config import Config
 from dense_rl.diffusion.pipeline import denoiser, load_pipeline
 from dense_rl.diffusion.sampler import sample_trajectories, sampler_options
-from dense_rl.diffusion.trajectories import Trajectories
+from dense_rl.diffusion.trajectories import RewardInputs, Trajectories
 from dense_rl.lora import add_lora, load_lora_state_dict, read_lora_file
 from dense_rl.prompts import choose_prompts, load_prompts
 from dense_rl.rewards import WeightedRewards
@@ -50,7 +50,7 @@ def sample_epoch(pipe, config: Config, prompts: list[str], epoch: int, version: 
     for batch in range(sample.num_batches_per_epoch):
         prompts_of_batch = choose_prompts(rng, prompts, sample.batch_size, sample.samples_per_prompt)
         batches.append(sample_trajectories(
-            pipe, prompts_of_batch, **sampler_options(sample),
+            pipe, prompts_of_batch, **sampler_options(sample, config.credit),
             generator=torch.Generator().manual_seed(batch_seed(seed, epoch, batch)), policy_version=version,
         ))
     return Trajectories.concat(batches)
@@ -61,8 +61,18 @@ def evaluate(pipe, config: Config, rewards: WeightedRewards, prompts: list[str],
     """Mean of each reward over one fixed-seed sample per prompt (comparable across checkpoints)."""
     generator = torch.Generator().manual_seed(seed)
     trajectories = sample_trajectories(pipe, prompts, **sampler_options(config.sample), generator=generator)
-    total, components = rewards(trajectories.images, trajectories.prompts)
+    total, components = rewards(RewardInputs.as_float(trajectories.for_reward().images), trajectories.prompts)
     return {"reward": float(total.mean()), **{name: float(v.mean()) for name, v in components.items()}}
+
+
+def credit_profile(cosines: torch.Tensor, step_weights: torch.Tensor | None) -> dict[str, list[float]]:
+    """Per denoising step, over the epoch's samples: the mean cosine to the final sample and the mean
+    and spread of the step weights (none for sparse credit); what the benchmarks plot."""
+    profile = {"cosine_mean_per_step": cosines.mean(0).tolist()}
+    if step_weights is not None:
+        profile |= {"step_weight_mean_per_step": step_weights.mean(0).tolist(),
+                    "step_weight_std_per_step": step_weights.std(0).tolist()}
+    return profile
 
 
 def train(config: Config, *, show_progress: bool = True, keep_policy: dict | None = None) -> list[dict[str, float]]:
@@ -89,7 +99,7 @@ def train(config: Config, *, show_progress: bool = True, keep_policy: dict | Non
         # previous update, by the weights one version behind (ppo_update corrects for it).
         trajectories = pending if pending is not None else sample_epoch(pipe, config, prompts, epoch, version=epoch)
         sampled = time.perf_counter()
-        scores = score_trajectories(rewards, trajectories, config.credit)
+        scores = score_trajectories(rewards, trajectories.for_reward(), config.credit)
         scored = time.perf_counter()
         good = finite_rewards(scores.rewards, epoch)  # NaN/inf rewards: left out of the update
         rows = torch.nonzero(good).flatten()
@@ -129,6 +139,7 @@ def train(config: Config, *, show_progress: bool = True, keep_policy: dict | Non
             **{f"reward/{name}": float(v[torch.isfinite(v)].mean()) for name, v in scores.components.items()},
             **{f"advantage/{k}": float(v) for k, v in advantage_info.items()},
             **update_info,
+            **credit_profile(trajectories.cosines[good], weights),
         }
         history.append(metrics)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{update_info.get('approx_kl', 0):.2e}")

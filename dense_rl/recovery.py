@@ -36,7 +36,8 @@ class RolloutBatch:
     prompts: list[str]
     seed: int
     worker: int  # index of the rollout worker it was last issued to
-    ref: ray.ObjectRef | None = None
+    ref: ray.ObjectRef | None = None  # the learner's part (Trajectories.for_learner)
+    reward_ref: ray.ObjectRef | None = None  # the reward role's part (RewardInputs)
     reissues: int = 0
 
 
@@ -74,7 +75,7 @@ class Recovery:
         worker = self.rollout_workers[batch.worker]
         version, weights = self.weights
         give = (version, weights) if sync_weights and weights is not None else None
-        batch.ref = worker.generate.remote(batch.prompts, batch.seed, give)
+        batch.ref, batch.reward_ref = worker.generate.remote(batch.prompts, batch.seed, give)
 
     def reissue(self, batch: RolloutBatch, why: str) -> None:
         """Sample `batch` again on the next live worker, after giving it the newest weights."""
@@ -105,7 +106,7 @@ class Recovery:
     # ------------------------------------------------------------------ rewards
 
     def _score(self, position: int, batch: RolloutBatch) -> ray.ObjectRef:
-        return self.reward_workers[position % len(self.reward_workers)].score.remote(batch.ref)
+        return self.reward_workers[position % len(self.reward_workers)].score.remote(batch.reward_ref)
 
     def score(self, batches: list[RolloutBatch], while_waiting=None) -> list:
         """ScoredBatch per batch, re-issuing lost rollouts and retrying failed reward calls.

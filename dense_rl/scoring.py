@@ -10,7 +10,7 @@ import torch
 
 from dense_rl.config import CreditConfig
 from dense_rl.credit import step_weights_for
-from dense_rl.diffusion.trajectories import Trajectories
+from dense_rl.diffusion.trajectories import RewardInputs
 from dense_rl.errors import RunFailed
 from dense_rl.rewards import WeightedRewards
 
@@ -25,10 +25,20 @@ class Scores:
     num_fallbacks: int  # CoCA rows that fell back to uniform weights
 
 
-def score_trajectories(rewards: WeightedRewards, trajectories: Trajectories, credit: CreditConfig) -> Scores:
-    total, components = rewards(trajectories.images, trajectories.prompts, version=trajectories.policy_version)
+def score_trajectories(rewards: WeightedRewards, batch: RewardInputs, credit: CreditConfig) -> Scores:
+    """The rewards of a batch's images and its step weights (`Trajectories.for_reward()` of a batch)."""
+    total, components = rewards(RewardInputs.as_float(batch.images), batch.prompts, version=batch.policy_version)
+    boundary_rewards = None
+    if credit.mode == "reward_gain":  # the training reward of each window boundary's predicted clean image
+        if batch.boundary_images is None:
+            raise ValueError("credit.mode reward_gain needs the rollouts to decode the window boundaries "
+                             "(sample with sampler_options(sample, credit))")
+        num_boundaries = batch.boundary_images.shape[1]
+        boundary_prompts = [p for p in batch.prompts for _ in range(num_boundaries)]
+        flat, _ = rewards(RewardInputs.as_float(batch.boundary_images.flatten(0, 1)), boundary_prompts)
+        boundary_rewards = flat.reshape(len(batch.prompts), num_boundaries)
     step_weights, num_fallbacks = step_weights_for(
-        credit.mode, trajectories.x0_preds, trajectories.final_samples, credit.window_size
+        credit.mode, batch.cosines, credit.window_size, boundary_rewards=boundary_rewards, final_rewards=total,
     )
     return Scores(total, components, step_weights, num_fallbacks)
 

@@ -45,8 +45,13 @@ def test_bad_rewards_are_masked_and_all_bad_is_an_error(caplog):
 def test_memory_estimate_scales_with_the_epoch():
     config = load_config(overrides=["cluster.address=local"])
     check_memory(config, total_memory=2 * 1024**3)  # 32 tiny samples fit in 2 GiB
-    with pytest.raises(ConfigError, match=r"^sample.batch_size: an epoch of 32 samples .* needs about 8\.4 MiB"):
+    # 2 x 32 x (21 latents of 3x16x16 in float32 + an 8-bit image + prompt embeddings) = 4.3 MiB.
+    with pytest.raises(ConfigError, match=r"^sample.batch_size: an epoch of 32 samples .* needs about 4\.3 MiB"):
         check_memory(config, total_memory=1024**2)
+    # reward_gain also ships the 4 window boundaries' 8-bit images: 4 x 768 B more per sample.
+    dense = load_config(overrides=["cluster.address=local", "credit.mode=reward_gain"])
+    with pytest.raises(ConfigError, match=r"needs about 4\.4 MiB"):
+        check_memory(dense, total_memory=1024**2)
     remote = load_config(overrides=["cluster.address=ray://head:10001"])
     check_memory(remote, total_memory=1024**2)  # a remote cluster's memory is not known here
 

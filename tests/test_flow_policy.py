@@ -45,8 +45,8 @@ def test_flow_trajectories_hold_what_ppo_and_coca_need(flow_pipe):
     trajectories = sample(pipe)
     channels, size = denoiser(pipe).config.in_channels, denoiser(pipe).config.sample_size
     assert trajectories.latents.shape == (4, STEPS + 1, channels, size, size)
-    assert trajectories.x0_preds.shape == (4, STEPS, channels, size, size)
-    assert trajectories.pooled_prompt_embeds.shape[0] == 4 and trajectories.negative_pooled_prompt_embeds is not None
+    assert trajectories.cosines.shape == (4, STEPS) and trajectories.cosines.abs().max() <= 1 + 1e-6
+    assert trajectories.pooled_prompt_embeds.shape[0] == 4 and trajectories.negative_pooled_prompt_embeds.shape[0] == 1
     assert torch.isfinite(trajectories.log_probs).all() and (trajectories.log_probs != 0).all()
     assert trajectories.images.min() >= 0 and trajectories.images.max() <= 1
     # The flow scheduler's timesteps are 1000 sigma; x0 = x_t - sigma v is the model's clean guess.

@@ -57,7 +57,8 @@ def test_job_submit_to_a_head_started_here(tmp_path):
     dashboard, head_port = free_port(), free_port()
     temp_dir = Path("/tmp") / f"ray-test-{os.getpid()}"  # short: Ray's socket paths must fit 107 bytes
     subprocess.run(
-        [BIN / "ray", "start", "--head", "--num-cpus=6", f"--port={head_port}", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
+        # 2 CPUs, as on a 2-core laptop: the default layout is chosen to fit what the head reports.
+        [BIN / "ray", "start", "--head", "--num-cpus=2", f"--port={head_port}", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          # The job agent's default port (52365) is taken while another Ray instance runs on this host.
          f"--dashboard-agent-listen-port={free_port()}",
@@ -86,6 +87,7 @@ def test_job_submit_to_a_head_started_here(tmp_path):
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "succeeded" in result.stdout
+        assert "layout for 2 CPUs: 2 rollout x 1 thread(s), 1 reward, 2 learner rank(s) x 1 thread(s)" in result.stdout
         assert f"done: {tmp_path}/job" in result.stdout
         assert RunDir(f"{tmp_path}/job").latest_checkpoint()["epoch"] == 2
     finally:

@@ -22,6 +22,7 @@ import ray
 import yaml
 
 from dense_rl.config import Config, load_config
+from dense_rl.layout import placed
 
 from kuberay_schemas import validation_errors
 
@@ -93,7 +94,7 @@ def entrypoint_config(entrypoint: str) -> tuple[str, Config]:
             overrides.append(value)
     if config_path is not None and config_path.startswith(IMAGE_WORKDIR + "/"):
         config_path = str(REPO / config_path[len(IMAGE_WORKDIR) + 1:])
-    return words[2], load_config(config_path, overrides)
+    return words[2], placed(load_config(config_path, overrides), cluster_cpus=0)  # an autoscaling cluster starts empty
 
 
 def custom_resources(group: dict) -> dict[str, float]:

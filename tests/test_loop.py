@@ -47,3 +47,16 @@ def test_the_loop_trains_only_on_samples_with_a_finite_reward(monkeypatch):
     assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)  # it did train
     for key in reference:
         assert torch.equal(trained[key], reference[key]), key
+
+
+def test_reward_gain_credit_in_the_loop():
+    """The in-process loop trains with reward_gain credit and reports the credit profile per step:
+    one weight per window of 5 steps, a mean that sums to 1 over the steps, and the cosine curve."""
+    config = load_config("configs/tiny.yaml", ["run.num_epochs=1", "sample.num_steps=10", "sample.batch_size=8",
+                                               "sample.num_batches_per_epoch=1", "train.batch_size=8",
+                                               "credit.mode=reward_gain"])
+    (metrics,) = loop.train(config, show_progress=False)
+    mean = torch.tensor(metrics["step_weight_mean_per_step"])
+    assert mean.shape == (10,) and abs(float(mean.sum()) - 1) < 1e-5
+    assert torch.equal(mean[:5], mean[:1].expand(5)) and torch.equal(mean[5:], mean[5:6].expand(5))
+    assert len(metrics["cosine_mean_per_step"]) == 10 and metrics["optimizer_steps"] == 1

@@ -204,9 +204,11 @@ def test_unreachable_redis_at_submit_is_one_clear_error(tmp_path, monkeypatch):
 
 
 def test_role_resources_are_validated_and_counted():
+    from dense_rl.layout import placed
+
     config = load_config(None, ["cluster.rollout_resource=rollout", "cluster.learner_resource=learner",
                                 "cluster.num_rollout_workers=3", "cluster.num_learner_workers=2"])
-    needed = config.cluster.resources_needed()
+    needed = placed(config, cluster_cpus=2).cluster.resources_needed()
     assert needed["rollout"] == 3 and needed["learner"] == 2 and "reward" not in needed
     assert config.cluster.custom_resources("rollout") == {"rollout": 1.0}
     assert config.cluster.custom_resources("reward") == {}

@@ -124,7 +124,8 @@ def test_set_weights_does_not_wait_behind_queued_generates(tmp_path):
         ray.get(worker.pid.remote())
         _, state = ray.get(worker.weights.remote())
         new_state = {key: value + 0.01 for key, value in state.items()}
-        generates = [worker.generate.remote(["a red digit seven"] * 8, seed) for seed in range(3)]
+        # The learner's part of each batch (the reward role's is the second return value).
+        generates = [worker.generate.remote(["a red digit seven"] * 8, seed)[0] for seed in range(3)]
         ray.get(worker.set_weights.remote(5, [ray.put(new_state)]))
         ready, _ = ray.wait(generates, num_returns=3, timeout=0)
         assert len(ready) < 3, "set_weights waited for the queued generate calls"
@@ -134,3 +135,30 @@ def test_set_weights_does_not_wait_behind_queued_generates(tmp_path):
         assert version == 5 and all(torch.equal(held[key], new_state[key]) for key in new_state)
     finally:
         ray.kill(worker)
+
+
+def test_reward_gain_credit_through_ray(tmp_path):
+    """credit.mode reward_gain: the rollouts decode each window boundary's predicted clean image, the
+    reward actor scores them, and the step credits the run records equal the reference computation
+    of the same first epoch in this process (same prompts, noise and initial weights)."""
+    from dense_rl.loop import build_policy, sample_epoch
+    from dense_rl.prompts import load_prompts
+    from dense_rl.rewards import WeightedRewards
+    from dense_rl.scoring import score_trajectories
+
+    config = small_config(tmp_path, "run.name=gain", "run.num_epochs=2", "sample.num_steps=10",
+                          "credit.mode=reward_gain", "credit.window_size=5")
+    history = run_system(config, f"{tmp_path}/gain", show_progress=False)
+    assert len(history) == 2 and all(m["learner_optimizer_steps"] > 0 for m in history)
+
+    rows = RunDir(f"{tmp_path}/gain").read_table("samples/epoch-0000.parquet")
+    credits = torch.tensor([row["step_credits"] for row in rows])
+    assert credits.shape == (16, 10)
+    torch.testing.assert_close(credits.sum(1), torch.ones(16))
+    assert torch.equal(credits[:, :5], credits[:, :1].expand(-1, 5))  # one weight per window
+    assert not torch.allclose(credits, torch.full_like(credits, 0.1))  # not uniform credit
+
+    pipe, _ = build_policy(config)
+    trajectories = sample_epoch(pipe, config, load_prompts(config.sample.prompts), epoch=0)
+    reference = score_trajectories(WeightedRewards(config.rewards), trajectories.for_reward(), config.credit)
+    torch.testing.assert_close(credits, reference.step_weights, atol=1e-5, rtol=1e-4)

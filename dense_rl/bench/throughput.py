@@ -72,7 +72,7 @@ def credit_compute_seconds(config, repeats: int) -> dict[str, float]:
     """Credit weights + both normalisation stages for one epoch's real trajectories, per mode (best of
     `repeats`: the least disturbed by the other work on the machine)."""
     from dense_rl.advantages import compute_step_advantages
-    from dense_rl.credit import step_weights_for
+    from dense_rl.credit import cosine_to_final, step_weights_for
     from dense_rl.loop import build_policy, sample_epoch
     from dense_rl.prompts import load_prompts
     from dense_rl.stats import PerPromptStatTracker
@@ -80,6 +80,8 @@ def credit_compute_seconds(config, repeats: int) -> dict[str, float]:
     pipe, _ = build_policy(config)
     trajectories = sample_epoch(pipe, config, load_prompts(config.sample.prompts), epoch=0)
     rewards = torch.randn(trajectories.batch_size).numpy()
+    # The rollout reduces its predicted x0s to CoCA's cosines; time that here too, on x0s of their shape.
+    x0_preds = trajectories.latents[:, 1:].clone()
     credit = config.credit
     seconds = {}
     for mode in ("sparse", "uniform", "coca"):
@@ -87,7 +89,8 @@ def credit_compute_seconds(config, repeats: int) -> dict[str, float]:
         for _ in range(repeats):
             trackers = [PerPromptStatTracker(credit.buffer_size, credit.min_count) for _ in range(2)]
             started = time.perf_counter()
-            weights, _ = step_weights_for(mode, trajectories.x0_preds, trajectories.final_samples, credit.window_size)
+            cosines = cosine_to_final(x0_preds, trajectories.final_samples) if mode == "coca" else None
+            weights, _ = step_weights_for(mode, cosines, credit.window_size, num_steps=config.sample.num_steps)
             compute_step_advantages(
                 trajectories.prompts, rewards, weights, credit_mode=mode, num_steps=config.sample.num_steps,
                 reward_tracker=trackers[0], step_tracker=trackers[1], temporal_alpha=credit.temporal_alpha,
@@ -212,11 +215,11 @@ def broadcast_and_bytes(config, repeats: int) -> dict:
 
         # What one rollout batch puts in the object store, field by field.
         prompts = ["a red digit seven"] * config.sample.batch_size
-        trajectories = ray.get(workers[0].generate.remote(prompts, 0))
-        scored = ray.get(RewardWorker.options(num_cpus=1).remote(config, 1.0).score.remote(trajectories))
+        learner_part, reward_part = ray.get(workers[0].generate.remote(prompts, 0))
+        scored = ray.get(RewardWorker.options(num_cpus=1).remote(config, 1.0).score.remote(reward_part))
     finally:
         ray.shutdown()
-    results["object_store"] = object_store_bytes(trajectories, scored)
+    results["object_store"] = object_store_bytes(learner_part, reward_part, scored)
     return results
 
 
@@ -226,18 +229,24 @@ def state_size(state: dict[str, torch.Tensor]) -> dict:
             "parameters": sum(t.numel() for t in state.values()), "tensors": len(state)}
 
 
-def object_store_bytes(trajectories, scored) -> dict:
-    """Bytes per trajectory of a rollout batch in the object store (pickled as Ray does, protocol 5),
-    its tensor fields largest first, and of the scored batch the driver gets back."""
-    fields = {name: value.numel() * value.element_size() for name, value in vars(trajectories).items()
-              if isinstance(value, torch.Tensor)}
-    batch = trajectories.batch_size
+def object_store_bytes(learner_part, reward_part, scored) -> dict:
+    """Bytes per trajectory of a rollout batch in the object store (pickled as Ray does, protocol 5):
+    the learner's part and the reward role's, their tensor fields largest first, and the scored batch
+    the driver gets back."""
+    batch = learner_part.batch_size
+
+    def tensor_bytes(part) -> dict[str, float]:
+        sizes = {name: value.numel() * value.element_size() / batch for name, value in vars(part).items()
+                 if isinstance(value, torch.Tensor)}
+        return dict(sorted(sizes.items(), key=lambda kv: -kv[1]))
+
+    learner_bytes, reward_bytes = len(pickle.dumps(learner_part, protocol=5)), len(pickle.dumps(reward_part, protocol=5))
     return {
-        "batch_size": batch, "num_steps": trajectories.num_steps,
-        "latent_shape": list(trajectories.latents.shape[2:]), "image_shape": list(trajectories.images.shape[1:]),
-        "trajectory_batch_bytes": len(pickle.dumps(trajectories, protocol=5)),
-        "bytes_per_trajectory": len(pickle.dumps(trajectories, protocol=5)) / batch,
-        "field_bytes_per_trajectory": {k: v / batch for k, v in sorted(fields.items(), key=lambda kv: -kv[1])},
+        "batch_size": batch, "num_steps": learner_part.num_steps,
+        "latent_shape": list(learner_part.latents.shape[2:]), "image_shape": list(reward_part.images.shape[1:]),
+        "bytes_per_trajectory": (learner_bytes + reward_bytes) / batch,
+        "learner_bytes_per_trajectory": learner_bytes / batch, "reward_bytes_per_trajectory": reward_bytes / batch,
+        "field_bytes_per_trajectory": {"learner": tensor_bytes(learner_part), "reward": tensor_bytes(reward_part)},
         "scored_batch_bytes_per_trajectory": len(pickle.dumps(scored, protocol=5)) / batch,
     }
 
@@ -259,7 +268,8 @@ def plot(results: dict, path) -> None:
     left.set_ylabel("trajectories / second (steady epochs)")
     left.set_title("same work, same machine, one run")
     left.grid(alpha=0.3, axis="y")
-    fields = results["broadcast_and_bytes"]["object_store"]["field_bytes_per_trajectory"]
+    parts = results["broadcast_and_bytes"]["object_store"]["field_bytes_per_trajectory"]
+    fields = {f"{part}: {name}": size for part, sizes in parts.items() for name, size in sizes.items()}
     right.barh(list(fields), [v / 1024 for v in fields.values()], color="tab:blue")
     right.set_xlabel("KiB per trajectory")
     right.set_title("object-store bytes per trajectory, by field")
@@ -346,7 +356,7 @@ def finish(report: Report, results: dict) -> dict:
     inproc, ray_runs, credit = results["in_process"], results["ray"], results["credit_compute_seconds"]
     bcast = results["broadcast_and_bytes"]
     store = bcast["object_store"]
-    top = next(iter(store["field_bytes_per_trajectory"].items()))
+    top = next(iter(store["field_bytes_per_trajectory"]["learner"].items()))
     rows = [
         ("credit: CoCA / sparse epoch time (in-process)", ratios["coca_over_sparse_epoch_time"],
          f"{inproc['coca']['steady_epoch_seconds']:.2f} s vs {inproc['sparse']['steady_epoch_seconds']:.2f} s"),
@@ -364,7 +374,8 @@ def finish(report: Report, results: dict) -> dict:
         ("broadcast SD 1.5 rank-4 LoRA, share of a tiny Ray epoch", ratios["broadcast_sd15_share_of_tiny_ray_epoch"],
          f"{bcast['sd15_rank4']['seconds_median'] * 1e3:.1f} ms, {bcast['sd15_rank4']['bytes'] / 2**20:.2f} MiB to {bcast['sd15_rank4']['workers']} actors"),
         ("object store: KiB per trajectory", store["bytes_per_trajectory"] / 1024,
-         f"largest: {top[0]} {top[1] / 1024:.1f} KiB; driver gets {store['scored_batch_bytes_per_trajectory'] / 1024:.2f} KiB"),
+         f"learner's part {store['learner_bytes_per_trajectory'] / 1024:.1f} KiB (largest: {top[0]} {top[1] / 1024:.1f} KiB), "
+         f"reward's {store['reward_bytes_per_trajectory'] / 1024:.2f} KiB; driver gets {store['scored_batch_bytes_per_trajectory'] / 1024:.2f} KiB"),
     ]
     print(table(rows, ("measured side by side in this run", "ratio / value", "numbers")))
     print(f"load average at start {report['load_average_start']}, now {load_average()} (on {os.cpu_count()} cores)")

@@ -4,7 +4,7 @@ reward actor) need not import diffusers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -36,29 +36,60 @@ class PromptEmbeds:
 
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float RGB images in [0, 1] -> uint8, as a saved PNG would hold them (a quarter of the bytes)."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@dataclass
+class RewardInputs:
+    """What the reward role reads of a batch: the images (uint8), CoCA's cosine curve and, for
+    `credit.mode: reward_gain`, the decoded predicted clean images at the window boundaries."""
+
+    prompts: list[str]
+    images: torch.Tensor  # uint8 [B, 3, H, W]
+    cosines: torch.Tensor  # [B, T] float32: cos(x0_pred at step k, final sample)
+    policy_version: int = 0
+    boundary_images: torch.Tensor | None = None  # uint8 [B, J, 3, H, W]: x0_pred decoded at steps 0, w, 2w, ...
+
+    @staticmethod
+    def as_float(images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> float32 in [0, 1], what the reward models take."""
+        return images.float() / 255.0
+
+
 @dataclass
 class Trajectories:
     """A batch of B denoising trajectories of T steps, on CPU between roles.
 
     `latents[:, k]` is the state before step k (k = 0 is pure noise) and `latents[:, k + 1]` the action
-    taken; `latents[:, T]` is the final sample. `x0_preds[:, k]` is the model's predicted clean sample
-    at step k, which CoCA compares with the final one. Only the steps in `sde_window` [start, stop)
-    were stochastic and have log-probs (the others are ODE steps, log-prob 0); PPO trains those.
+    taken; `latents[:, T]` is the final sample. `cosines[:, k]` is the cosine between the model's
+    predicted clean sample at step k and the final one (CoCA's input: the rollout computes it, so the
+    predicted samples never travel). Only the steps in `sde_window` [start, stop) were stochastic and
+    have log-probs (the others are ODE steps, log-prob 0); PPO trains those.
+
+    The sampler fills every field; `for_learner()` and `for_reward()` are the two parts a rollout
+    actor ships, as separate objects, so each role pulls only what it reads.
     """
 
     prompts: list[str]
     prompt_embeds: torch.Tensor  # [B, L, D]
-    negative_prompt_embeds: torch.Tensor | None  # [B, L, D]; None without classifier-free guidance
+    negative_prompt_embeds: torch.Tensor | None  # [1, L, D], shared by every row; None without guidance
     timesteps: torch.Tensor  # [T], shared by every row
     latents: torch.Tensor  # [B, T + 1, C, H, W]
     log_probs: torch.Tensor  # [B, T], under the policy that sampled them
-    x0_preds: torch.Tensor  # [B, T, C, H, W]
-    images: torch.Tensor  # [B, 3, H', W'] float32 in [0, 1]
+    cosines: torch.Tensor | None = None  # [B, T] float32; None in the learner's part
+    images: torch.Tensor | None = None  # [B, 3, H', W'] float32 in [0, 1]; None in the learner's part
     policy_version: int = 0
-    # Flow transformers (SD3) also condition on pooled text embeddings [B, P]; None for UNets.
+    # Flow transformers (SD3) also condition on pooled text embeddings [B, P] ([1, P] for the negative);
+    # None for UNets.
     pooled_prompt_embeds: torch.Tensor | None = None
     negative_pooled_prompt_embeds: torch.Tensor | None = None
     sde_window: tuple[int, int] | None = None  # None: every step
+    boundary_images: torch.Tensor | None = None  # [B, J, 3, H', W'] float32, only for reward_gain credit
+
+    # Fields with one value for the whole batch, not one per row.
+    SHARED = ("timesteps", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
 
     @property
     def batch_size(self) -> int:
@@ -78,14 +109,25 @@ class Trajectories:
         start, stop = self.sde_window or (0, self.num_steps)
         return range(start, stop)
 
+    def for_learner(self) -> "Trajectories":
+        """What PPO reads: states, actions, log-probs, timesteps and prompt embeddings."""
+        return replace(self, cosines=None, images=None, boundary_images=None)
+
+    def for_reward(self) -> RewardInputs:
+        """What the reward role reads: 8-bit images, the cosine curve, boundary images if any."""
+        return RewardInputs(list(self.prompts), to_uint8(self.images), self.cosines, self.policy_version,
+                            None if self.boundary_images is None else to_uint8(self.boundary_images))
+
     def embeds(self, rows, device, dtype) -> tuple[PromptEmbeds, PromptEmbeds | None]:
         """The prompt (and negative prompt) embeddings of `rows`, on `device` in `dtype`."""
-        def take(embeds, pooled):
-            if embeds is None:
-                return None
-            return PromptEmbeds(embeds[rows].to(device, dtype), None if pooled is None else pooled[rows].to(device, dtype))
-        return (take(self.prompt_embeds, self.pooled_prompt_embeds),
-                take(self.negative_prompt_embeds, self.negative_pooled_prompt_embeds))
+        positive = PromptEmbeds(self.prompt_embeds[rows].to(device, dtype),
+                                None if self.pooled_prompt_embeds is None else self.pooled_prompt_embeds[rows].to(device, dtype))
+        if self.negative_prompt_embeds is None:
+            return positive, None
+        count = len(positive)  # the one negative embedding, broadcast to the rows (no copy)
+        negative = self.negative_prompt_embeds.to(device, dtype).expand(count, -1, -1)
+        pooled = self.negative_pooled_prompt_embeds
+        return positive, PromptEmbeds(negative, None if pooled is None else pooled.to(device, dtype).expand(count, -1))
 
     def select(self, rows) -> "Trajectories":
         """The trajectories at `rows` (a list, slice or index tensor)."""
@@ -93,7 +135,7 @@ class Trajectories:
         prompts = self.prompts[rows] if isinstance(rows, slice) else [self.prompts[int(i)] for i in rows]
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in values.items():
-            if isinstance(value, torch.Tensor) and name != "timesteps":
+            if isinstance(value, torch.Tensor) and name not in self.SHARED:
                 values[name] = value[rows]
         return Trajectories(**{**values, "prompts": prompts})
 
@@ -109,8 +151,8 @@ class Trajectories:
             parts = [getattr(b, f.name) for b in batches]
             if f.name == "prompts":
                 values[f.name] = [p for part in parts for p in part]
-            elif f.name in ("timesteps", "sde_window"):
-                values[f.name] = getattr(first, f.name)
+            elif f.name in Trajectories.SHARED or f.name == "sde_window":
+                values[f.name] = getattr(first, f.name)  # one run, one negative prompt: the same for every batch
             elif f.name == "policy_version":
                 values[f.name] = min(parts)
             elif parts[0] is None:

@@ -3,6 +3,6 @@
 import torch
 
 
-def use_actor_cpus(num_cpus: float) -> None:
-    """Match torch's thread pool to the CPUs Ray gave this actor, so actors do not oversubscribe."""
-    torch.set_num_threads(max(1, int(num_cpus)))
+def use_threads(threads: int) -> None:
+    """torch's thread pool for this actor (cluster.threads(role)), so actors do not oversubscribe."""
+    torch.set_num_threads(max(1, int(threads)))

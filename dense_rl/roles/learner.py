@@ -117,14 +117,14 @@ def learner_loop(loop_config: dict) -> None:
     from dense_rl.diffusion.trajectories import Trajectories
     from dense_rl.lora import lora_state_dict
     from dense_rl.loop import build_policy
-    from dense_rl.roles import use_actor_cpus
+    from dense_rl.roles import use_threads
     from dense_rl.run_dir import RunDir
     from dense_rl.update import make_grad_scaler, make_optimizer, ppo_update
 
     config: Config = loop_config["config"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    use_actor_cpus(config.cluster.learner_cpus)
+    use_threads(config.cluster.threads("learner"))
     device = "cuda" if config.cluster.learner_gpus > 0 else "cpu"
     policy_config = dataclasses.replace(config, model=dataclasses.replace(config.model, device=device))
 

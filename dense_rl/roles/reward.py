@@ -1,4 +1,5 @@
-"""RewardWorker: final reward per image and per-step credit weights for a trajectory batch."""
+"""RewardWorker: final reward per image and per-step credit weights for a batch: it receives only what it
+reads of the batch (8-bit images, the cosine curve; `RewardInputs`), never the latent trajectories."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import torch
 
 from dense_rl import metrics
 from dense_rl.config import Config
-from dense_rl.diffusion.trajectories import Trajectories
+from dense_rl.diffusion.trajectories import RewardInputs
 from dense_rl.errors import start_errors
-from dense_rl.roles import use_actor_cpus
+from dense_rl.roles import use_threads
 from dense_rl.scoring import Scores, score_trajectories
 
 
@@ -29,27 +30,27 @@ class ScoredBatch:
 @ray.remote
 class RewardWorker:
     @start_errors  # a failed start reaches the driver as one line (errors.py)
-    def __init__(self, config: Config, num_cpus: float = 1.0, preview_count: int = 8):
+    def __init__(self, config: Config, threads: int = 1, preview_count: int = 8):
         from dense_rl.rewards import WeightedRewards
 
-        use_actor_cpus(num_cpus)
+        use_threads(threads)
         self.credit = config.credit
         device = "cuda" if config.cluster.reward_gpus > 0 else "cpu"
         self.rewards = WeightedRewards(config.rewards, device=device)
         self.preview_count = preview_count
 
-    def score(self, trajectories: Trajectories) -> ScoredBatch:
+    def score(self, batch: RewardInputs) -> ScoredBatch:
         from dense_rl import chaos
 
         started = time.perf_counter()
-        scores = score_trajectories(self.rewards, trajectories, self.credit)
+        scores = score_trajectories(self.rewards, batch, self.credit)
         metrics.record_scoring(time.perf_counter() - started)
-        fault = chaos.strike("reward_values", trajectories.policy_version)
+        fault = chaos.strike("reward_values", batch.policy_version)
         if fault is not None and fault["action"] == "nan":  # a reward model gone numerically bad
-            rows = fault.get("rows", list(range(len(trajectories.prompts))))
+            rows = fault.get("rows", list(range(len(batch.prompts))))
             scores.rewards[rows] = torch.tensor([(float("nan"), float("inf"))[i % 2] for i in range(len(rows))])
-        preview = (trajectories.images[: self.preview_count] * 255).round().to(torch.uint8)
-        return ScoredBatch(trajectories.prompts, trajectories.policy_version, scores, preview)
+        # clone: a slice would pickle the whole batch's storage back to the driver
+        return ScoredBatch(batch.prompts, batch.policy_version, scores, batch.images[: self.preview_count].clone())
 
     def pid(self) -> int:
         import os

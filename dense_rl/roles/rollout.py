@@ -18,18 +18,18 @@ import torch
 
 from dense_rl import metrics
 from dense_rl.config import Config
-from dense_rl.diffusion.trajectories import Trajectories
+from dense_rl.diffusion.trajectories import RewardInputs, Trajectories
 from dense_rl.errors import start_errors
-from dense_rl.roles import use_actor_cpus
+from dense_rl.roles import use_threads
 
 
 @ray.remote(concurrency_groups={"weights": 1})
 class RolloutWorker:
     @start_errors  # a failed start reaches the driver as one line (errors.py)
-    def __init__(self, config: Config, num_cpus: float = 1.0):
+    def __init__(self, config: Config, threads: int = 1):
         from dense_rl.loop import build_policy
 
-        use_actor_cpus(num_cpus)
+        use_threads(threads)
         self.config = config
         self.pipe, _ = build_policy(config)
         self.version = 0
@@ -58,10 +58,14 @@ class RolloutWorker:
             self.version = pending[0]
             metrics.record_policy_version("rollout", self.version)
 
-    def generate(self, prompts: list[str], seed: int, weights: tuple[int, list] | None = None) -> Trajectories:
-        """One batch; the seed, not the worker, decides the noise, so any worker gives the same batch.
-        `weights` (version, [ObjectRef]) are swapped in first: calls in different concurrency groups
-        run in no fixed order, so a caller that needs this batch on given weights passes them here."""
+    @ray.method(num_returns=2)
+    def generate(self, prompts: list[str], seed: int, weights: tuple[int, list] | None = None
+                 ) -> tuple[Trajectories, RewardInputs]:
+        """One batch, as two objects: the learner's part and the reward role's (8-bit images and the
+        cosine curve), so neither pulls what it does not read. The seed, not the worker, decides the
+        noise, so any worker gives the same batch. `weights` (version, [ObjectRef]) are swapped in
+        first: calls in different concurrency groups run in no fixed order, so a caller that needs
+        this batch on given weights passes them here."""
         from dense_rl import chaos
         from dense_rl.diffusion.sampler import sample_trajectories, sampler_options
 
@@ -72,11 +76,11 @@ class RolloutWorker:
         sample = self.config.sample
         started = time.perf_counter()
         trajectories = sample_trajectories(
-            self.pipe, prompts, **sampler_options(sample), generator=torch.Generator().manual_seed(seed),
-            policy_version=self.version,
+            self.pipe, prompts, **sampler_options(sample, self.config.credit),
+            generator=torch.Generator().manual_seed(seed), policy_version=self.version,
         )
         metrics.record_rollout_batch(len(prompts), sample.num_steps, time.perf_counter() - started)
-        return trajectories
+        return trajectories.for_learner(), trajectories.for_reward()
 
     def pid(self) -> int:
         import os

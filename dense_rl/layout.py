@@ -1,0 +1,79 @@
+"""How many rollout, reward and learner workers to run, and with how many threads, when the config
+leaves it to us (any `cluster.*` count or CPU share that is null).
+
+The rule is measured, not guessed (docs/benchmarks.md, "Layout"): on CPUs one single-threaded process
+per core beats one process with a thread per core, for sampling (independent batches) and for the
+update (DDP ranks of one row-share each). So:
+
+- Sync mode: the stages take turns (sample and score, then update), so each stage may use every core:
+  as many rollout actors as cores (at most one per batch of the epoch) and as many learner ranks as
+  cores (a divisor of train.batch_size). Each actor asks Ray for an equal share of the CPUs, so the
+  whole layout fits exactly the CPUs the cluster reports: a private instance, `ray start --head` on a
+  2-core laptop, or a real cluster.
+- Async mode: sampling overlaps the update, so the cores are split between them: half run rollouts,
+  half learner ranks.
+- One reward actor, single-threaded: scoring a batch overlaps sampling the next.
+
+Only what the config leaves empty is chosen; explicit settings win. GPU layouts (`*_gpus > 0`) are
+explicit in their presets (configs/sd15-*.yaml), so this chooses only CPU ones. Roles pinned to node
+groups by `cluster.*_resource` (KubeRay, cluster/local_multinode.yaml) get fixed defaults instead: an
+autoscaler adds those nodes after the launch, so the CPUs reported then say nothing about them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+from dense_rl.config import Config, ClusterConfig
+
+log = logging.getLogger("dense_rl")
+
+# Per role-pinned node group: what deploy/kuberay's worker groups are sized for.
+PINNED_DEFAULTS = dict(num_rollout_workers=2, num_learner_workers=2, rollout_cpus=1.0, reward_cpus=0.5, learner_cpus=1.0)
+
+
+def largest_divisor_at_most(number: int, limit: int) -> int:
+    return max(d for d in range(1, max(1, min(number, limit)) + 1) if number % d == 0)
+
+
+def fit_layout(config: Config, cluster_cpus: float) -> ClusterConfig:
+    """The cluster section with every empty count, CPU share and thread count filled in for a Ray
+    cluster that reports `cluster_cpus` CPUs."""
+    cluster = config.cluster
+    if cluster.is_placed:
+        return cluster
+    if any(cluster.custom_resources(role) for role in ("rollout", "reward", "learner")):
+        return dataclasses.replace(cluster, **{k: v if getattr(cluster, k) is None else getattr(cluster, k)
+                                               for k, v in PINNED_DEFAULTS.items()})
+    cores = max(1, int(cluster_cpus))
+    lanes = cores if cluster.max_policy_lag == 0 else max(1, cores // 2)  # async: half sample, half learn
+    rollouts = cluster.num_rollout_workers or max(1, min(lanes, config.sample.num_batches_per_epoch))
+    learners = cluster.num_learner_workers or largest_divisor_at_most(config.train.batch_size, lanes)
+    rewards = cluster.num_reward_workers
+    # Equal shares of what the cluster has, so the whole layout is placeable on it.
+    share = math.floor(1000 * cores / (rollouts + learners + rewards)) / 1000  # rounded down: the sum fits
+    placed = dataclasses.replace(
+        cluster,
+        num_rollout_workers=rollouts, num_learner_workers=learners,
+        rollout_cpus=cluster.rollout_cpus if cluster.rollout_cpus is not None else share,
+        reward_cpus=cluster.reward_cpus if cluster.reward_cpus is not None else share,
+        learner_cpus=cluster.learner_cpus if cluster.learner_cpus is not None else share,
+        rollout_threads=cluster.rollout_threads or max(1, lanes // rollouts),
+        reward_threads=cluster.reward_threads or 1,
+        learner_threads=cluster.learner_threads or max(1, lanes // learners),
+    )
+    log.info("layout for %d CPUs: %d rollout x %d thread(s), %d reward, %d learner rank(s) x %d thread(s) "
+             "(set cluster.* to choose)", cores, rollouts, placed.rollout_threads, rewards, learners,
+             placed.learner_threads)
+    return placed
+
+
+def placed(config: Config, cluster_cpus: float) -> Config:
+    """`config` with its cluster section fitted (dense_rl.config.validate checks the result again)."""
+    from dense_rl.config import validate
+
+    fitted = dataclasses.replace(config, cluster=fit_layout(config, cluster_cpus))
+    validate(fitted)
+    return fitted
