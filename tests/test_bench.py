@@ -71,21 +71,44 @@ def test_bench_lists_benchmarks_and_rejects_unknown_names():
 
 @pytest.mark.slow
 def test_sample_efficiency_quick(tmp_path):
+    methods = {"ddpo", "uca", "coca", "reward_gain"}
     result = run_bench("sample-efficiency", "--quick", "--out", str(tmp_path))
     results = load_results(tmp_path, "sample-efficiency")
     settings, summary = results["settings"], results["summary"]
-    assert {(r["method"], r["seed"]) for r in results["runs"]} == {(m, s) for m in ("ddpo", "uca", "coca") for s in (0, 1)}
-    assert set(summary["methods"]) == {"ddpo", "uca", "coca"}
-    for method in summary["methods"].values():
-        assert method["seeds"] == 2 and len(method["curve_mean"]) == settings["epochs"]
+    grid = {("preference", m, s) for m in methods for s in (0, 1)}
+    assert {(r["reward"], r["method"], r["seed"]) for r in results["runs"]} == grid
+    # One file per run, as each finished; the grid is complete.
+    assert {p.name for p in (tmp_path / "runs").glob("*.json")} == {f"{r}__{m}__seed{s}.json" for r, m, s in grid}
+    assert summary["grid"]["complete"] is True and summary["grid"]["missing"] == []
+    assert set(summary["rewards"]) == {"preference"}
+    sweep = summary["rewards"]["preference"]
+    assert set(sweep["methods"]) == methods and sweep["seeds_paired"] == [0, 1]
+    for name, method in sweep["methods"].items():
+        assert method["seeds"] == 2 and len(method["curve_mean"]) == settings["epochs"] == len(method["curve_ci_low"])
         assert set(method["heldout"]) == {"preference", "digit_alignment"}
+        assert {"mean", "ci_low", "ci_high"} <= set(method["auc"]) and method["mean_epoch_seconds"] > 0
+        if name != "ddpo":
+            assert set(method["ratio_vs_ddpo"]) == {"0.5", "0.75", "1"}
+            assert {"mean", "ci_low", "ci_high", "per_epoch_mean"} <= set(method["paired_gain_over_ddpo"])
     # Same seeds, same first batch: the methods differ only after their first update.
-    first = {m: s["curve_mean"][0] for m, s in summary["methods"].items()}
-    assert first["ddpo"] == pytest.approx(first["coca"], abs=1e-5) == pytest.approx(first["uca"], abs=1e-5)
+    first = [s["curve_mean"][0] for s in sweep["methods"].values()]
+    assert max(first) - min(first) < 1e-5
     # DDPO reaches its own final mean at the latest at the budget's last point.
-    assert summary["methods"]["ddpo"]["samples_to_reach_ddpo_final"] <= summary["samples"][-1]
+    assert sweep["methods"]["ddpo"]["samples_to_reach"]["1"] <= summary["samples"][-1]
     assert_png(tmp_path / "reward_vs_samples.png")
-    assert "| method" in result.stdout and "DDPO / COCA" in result.stdout
+    assert_png(tmp_path / "heldout.png")
+    if any(r.get("cosine_mean_per_step") or r.get("step_weight_mean_per_step") for r in results["runs"]):
+        assert_png(tmp_path / "step_weights.png")
+    assert "| method" in result.stdout and "DDPO/method samples to 100%" in result.stdout
+    assert "grid complete" in result.stdout
+    # The same command again finds every run on disk and trains nothing: it only reads the run files
+    # (and the cached base-model scores) back, so none of them is rewritten.
+    files = [*(tmp_path / "runs").glob("*.json"), tmp_path / "base_heldout.json"]
+    written = {path: path.stat().st_mtime_ns for path in files}
+    again = run_bench("sample-efficiency", "--quick", "--out", str(tmp_path))
+    assert f"{len(grid)} already in" in again.stderr and "0 to run" in again.stderr
+    assert {path: path.stat().st_mtime_ns for path in files} == written
+    assert json.loads((tmp_path / "results.json").read_text())["summary"]["rewards"] == summary["rewards"]
 
 
 # ---------------------------------------------------------------------------------------- throughput
@@ -117,7 +140,8 @@ def throughput_measurements(sync_rewards=(0.10, 0.30)) -> dict:
     """Synthetic results of `throughput --quick` (2 epochs of 8 samples per configuration), put
     through the benchmark's own summaries: round numbers, so every ratio is known in advance."""
     samples = 8
-    fields = {"latents": 9216.0, "x0_preds": 6144.0, "prompt_embeds": 4096.0, "images": 3072.0, "log_probs": 40.0}
+    fields = {"learner": {"latents": 9216.0, "prompt_embeds": 4096.0, "log_probs": 40.0},
+              "reward": {"images": 768.0, "cosines": 40.0}}
     return {
         "in_process": {"sparse": throughput.in_process_summary(in_process_history([9.0, 2.0]), samples),
                        "coca": throughput.in_process_summary(in_process_history([9.5, 2.5]), samples)},
@@ -130,7 +154,8 @@ def throughput_measurements(sync_rewards=(0.10, 0.30)) -> dict:
             "sd15_rank4": {"seconds_median": 0.04, "seconds_min": 0.03, "put_seconds_median": 0.005, "workers": 2,
                            "bytes": 4 * 797184, "parameters": 797184, "tensors": 128},
             "object_store": {"batch_size": 8, "num_steps": 10, "latent_shape": [3, 16, 16], "image_shape": [3, 16, 16],
-                             "trajectory_batch_bytes": 8 * 23000, "bytes_per_trajectory": 23000.0,
+                             "bytes_per_trajectory": 23000.0, "learner_bytes_per_trajectory": 22000.0,
+                             "reward_bytes_per_trajectory": 1000.0,
                              "field_bytes_per_trajectory": fields, "scored_batch_bytes_per_trajectory": 900.0},
         },
     }
@@ -225,14 +250,22 @@ def test_object_store_bytes_of_a_real_rollout_batch(tiny_config, tiny_pipe, one_
     prompts = ["a red digit seven"] * tiny_config.sample.batch_size
     trajectories = sample_trajectories(tiny_pipe, prompts, **sampler_options(tiny_config.sample),
                                        generator=torch.Generator().manual_seed(0))
-    scores = score_trajectories(WeightedRewards(tiny_config.rewards), trajectories, tiny_config.credit)
-    scored = ScoredBatch(prompts, 0, scores, (trajectories.images[:8] * 255).round().to(torch.uint8))
-    store = throughput.object_store_bytes(trajectories, scored)
+    learner_part, reward_part = trajectories.for_learner(), trajectories.for_reward()
+    scores = score_trajectories(WeightedRewards(tiny_config.rewards), reward_part, tiny_config.credit)
+    scored = ScoredBatch(prompts, 0, scores, reward_part.images[:8])
+    store = throughput.object_store_bytes(learner_part, reward_part, scored)
     assert store["batch_size"] == 4 and store["num_steps"] == 2
-    assert store["bytes_per_trajectory"] >= sum(store["field_bytes_per_trajectory"].values())
-    assert {"latents", "x0_preds", "log_probs", "images"} <= set(store["field_bytes_per_trajectory"])
-    sizes = list(store["field_bytes_per_trajectory"].values())
-    assert sizes == sorted(sizes, reverse=True)  # largest first: the table names the top one
+    fields = store["field_bytes_per_trajectory"]
+    assert store["learner_bytes_per_trajectory"] >= sum(fields["learner"].values())
+    assert store["reward_bytes_per_trajectory"] >= sum(fields["reward"].values())
+    # Each role's part holds what it reads and nothing else: no image for the learner, no latents
+    # for the reward role, no predicted x0 sequence for either.
+    assert {"latents", "log_probs", "prompt_embeds", "negative_prompt_embeds"} <= set(fields["learner"])
+    assert set(fields["reward"]) == {"images", "cosines"}
+    assert fields["reward"]["images"] == 3 * 16 * 16  # uint8
+    assert fields["learner"]["negative_prompt_embeds"] * 4 == fields["learner"]["prompt_embeds"]  # once per batch of 4
+    for sizes in fields.values():
+        assert list(sizes.values()) == sorted(sizes.values(), reverse=True)  # largest first: the table names the top one
     # The driver gets scores and a preview back, not the trajectories.
     assert 0 < store["scored_batch_bytes_per_trajectory"] < store["bytes_per_trajectory"]
 
