@@ -39,7 +39,8 @@ def trained_run(tmp_path_factory):
 
 
 def independent_scores(pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Each prompt SAMPLES_PER_PROMPT times, in batches of BATCH_SIZE seeded SEED + batch index."""
+    """Each prompt SAMPLES_PER_PROMPT times, in batches of BATCH_SIZE seeded SEED + batch index, scored
+    as 8-bit images (what a saved PNG holds, and what training and the evaluation score)."""
     items = [p for p in prompts for _ in range(SAMPLES_PER_PROMPT)]
     images = []
     for b, start in enumerate(range(0, len(items), BATCH_SIZE)):
@@ -47,7 +48,7 @@ def independent_scores(pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
             pipe, items[start : start + BATCH_SIZE], num_steps=20, guidance_scale=4.0, eta=1.0,
             generator=torch.Generator().manual_seed(SEED + b),
         ).images)
-    images = torch.cat(images)
+    images = (torch.cat(images) * 255).round() / 255
     return {"digit_alignment": DigitAlignmentReward()(images, items), "preference": PreferenceReward()(images, items)}
 
 
