@@ -107,6 +107,8 @@ def start_ray(config: Config, verbose: bool = False) -> None:
     else start a private one here. `cluster.address: local` always starts a private one."""
     import ray
 
+    from dense_rl.layout import fit_layout
+
     if ray.is_initialized():  # a caller (a notebook, a test) brought its own session
         return
     # Actor and worker output goes to Ray's log files (/tmp/ray/session_latest/logs) unless --verbose;
@@ -118,8 +120,8 @@ def start_ray(config: Config, verbose: bool = False) -> None:
         return
     # This machine's CPUs (a layout left to dense_rl.layout fits them); an explicit layout sized for a
     # real cluster gets as many logical CPUs as it asks for, and its actors share the cores.
-    needed = config.cluster.resources_needed() if config.cluster.is_placed else {}
-    num_cpus = max(math.ceil(needed.get("CPU", 0)), os.cpu_count() or 1)
+    needed = fit_layout(config, os.cpu_count() or 1).resources_needed()
+    num_cpus = max(math.ceil(needed["CPU"]), os.cpu_count() or 1)
     # A private instance is one node holding every role: it advertises the cluster.*_resource units too.
     custom = {k: v for k, v in needed.items() if k not in ("CPU", "GPU")} or None
     if address == "local":
@@ -161,7 +163,7 @@ def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verb
 
     from dense_rl.checkpoint import load_resume_point
     from dense_rl.driver import Driver
-    from dense_rl.layout import placed
+    from dense_rl.layout import describe_layout, placed
     from dense_rl.registry import RunTracker
     from dense_rl.run_dir import RunDir
     from dense_rl.run_record import RunRecorder
@@ -175,7 +177,9 @@ def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verb
     try:
         # Counts and CPU shares left empty are chosen from what this cluster has; config.yaml keeps
         # them empty, so a resume on another cluster chooses again.
-        config = placed(config, ray.cluster_resources().get("CPU", 1.0))
+        cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+        config = placed(config, cluster_cpus)
+        log.info(describe_layout(config.cluster, cluster_cpus))
         wait_for_resources(config)  # before anything is written: a run that cannot be placed leaves no trace
         if checkpoint is not None:
             log.info("resuming %s from %s (epoch %d)", run.uri, checkpoint, state.epoch)

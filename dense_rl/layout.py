@@ -23,12 +23,9 @@ autoscaler adds those nodes after the launch, so the CPUs reported then say noth
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 
-from dense_rl.config import Config, ClusterConfig
-
-log = logging.getLogger("dense_rl")
+from dense_rl.config import ClusterConfig, Config
 
 # Per role-pinned node group: what deploy/kuberay's worker groups are sized for.
 PINNED_DEFAULTS = dict(num_rollout_workers=2, num_learner_workers=2, rollout_cpus=1.0, reward_cpus=0.5, learner_cpus=1.0)
@@ -54,7 +51,7 @@ def fit_layout(config: Config, cluster_cpus: float) -> ClusterConfig:
     rewards = cluster.num_reward_workers
     # Equal shares of what the cluster has, so the whole layout is placeable on it.
     share = math.floor(1000 * cores / (rollouts + learners + rewards)) / 1000  # rounded down: the sum fits
-    placed = dataclasses.replace(
+    return dataclasses.replace(
         cluster,
         num_rollout_workers=rollouts, num_learner_workers=learners,
         rollout_cpus=cluster.rollout_cpus if cluster.rollout_cpus is not None else share,
@@ -64,10 +61,14 @@ def fit_layout(config: Config, cluster_cpus: float) -> ClusterConfig:
         reward_threads=cluster.reward_threads or 1,
         learner_threads=cluster.learner_threads or max(1, lanes // learners),
     )
-    log.info("layout for %d CPUs: %d rollout x %d thread(s), %d reward, %d learner rank(s) x %d thread(s) "
-             "(set cluster.* to choose)", cores, rollouts, placed.rollout_threads, rewards, learners,
-             placed.learner_threads)
-    return placed
+
+
+def describe_layout(cluster: ClusterConfig, cluster_cpus: float) -> str:
+    """One line for the log: what runs where, and how to change it."""
+    return (f"layout for {cluster_cpus:g} CPUs: {cluster.num_rollout_workers} rollout x {cluster.threads('rollout')} thread(s), "
+            f"{cluster.num_reward_workers} reward, {cluster.num_learner_workers} learner rank(s) x "
+            f"{cluster.threads('learner')} thread(s), asking for {cluster.resources_needed()['CPU']:g} CPUs "
+            "(set cluster.* to choose)")
 
 
 def placed(config: Config, cluster_cpus: float) -> Config:

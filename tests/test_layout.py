@@ -56,3 +56,20 @@ def test_roles_pinned_to_node_groups_get_the_fixed_defaults():
 def test_largest_divisor():
     assert [largest_divisor_at_most(8, n) for n in (1, 2, 3, 5, 8, 20)] == [1, 2, 2, 4, 8, 8]
     assert largest_divisor_at_most(7, 4) == 1
+
+
+def test_a_private_instance_advertises_what_the_layout_asks_for():
+    """start_ray sizes a private instance from the layout it will get: the role-pinned defaults need
+    4.5 CPUs and one unit of each custom resource, more than a 2-core machine's CPUs."""
+    import ray
+
+    from dense_rl.launch import start_ray
+
+    config = load_config("configs/tiny.yaml", ["cluster.address=local", "cluster.rollout_resource=rollout",
+                                               "cluster.learner_resource=learner"])
+    start_ray(config)
+    try:
+        resources = ray.cluster_resources()
+        assert resources["rollout"] == 2 and resources["learner"] == 2 and resources["CPU"] >= 4.5
+    finally:
+        ray.shutdown()
