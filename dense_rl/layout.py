@@ -1,9 +1,9 @@
 """How many rollout, reward and learner workers to run, and with how many threads, when the config
 leaves it to us (any `cluster.*` count or CPU share that is null).
 
-The rule is measured, not guessed (docs/benchmarks.md, "Layout"): on CPUs one single-threaded process
-per core beats one process with a thread per core, for sampling (independent batches) and for the
-update (DDP ranks of one row-share each). So:
+The rule follows measurements on 2 cores: one single-threaded process per core beat one process with
+a thread per core, for sampling (independent batches; issue 14's peer table) and for the update (two
+1-thread DDP ranks: 9-12 s steps; one 2-thread rank: 13 s, with 27-81 s outliers). So:
 
 - Sync mode: the stages take turns (sample and score, then update), so each stage may use every core:
   as many rollout actors as cores (at most one per batch of the epoch) and as many learner ranks as
@@ -12,7 +12,7 @@ update (DDP ranks of one row-share each). So:
   2-core laptop, or a real cluster.
 - Async mode: sampling overlaps the update, so the cores are split between them: half run rollouts,
   half learner ranks.
-- One reward actor, single-threaded: scoring a batch overlaps sampling the next.
+- One reward actor. Every actor is single-threaded unless `cluster.*_threads` says otherwise.
 
 Only what the config leaves empty is chosen; explicit settings win. GPU layouts (`*_gpus > 0`) are
 explicit in their presets (configs/sd15-*.yaml), so this chooses only CPU ones. Roles pinned to node
@@ -57,9 +57,11 @@ def fit_layout(config: Config, cluster_cpus: float) -> ClusterConfig:
         rollout_cpus=cluster.rollout_cpus if cluster.rollout_cpus is not None else share,
         reward_cpus=cluster.reward_cpus if cluster.reward_cpus is not None else share,
         learner_cpus=cluster.learner_cpus if cluster.learner_cpus is not None else share,
-        rollout_threads=cluster.rollout_threads or max(1, lanes // rollouts),
+        # One thread each: a 2-thread learner on 2 shared cores measured slower and erratic (13-81 s
+        # steps against 9-12 s for two 1-thread ranks); more threads are a choice (cluster.*_threads).
+        rollout_threads=cluster.rollout_threads or 1,
         reward_threads=cluster.reward_threads or 1,
-        learner_threads=cluster.learner_threads or max(1, lanes // learners),
+        learner_threads=cluster.learner_threads or 1,
     )
 
 

@@ -24,13 +24,13 @@ def test_async_splits_the_cores_between_sampling_and_the_update():
     assert cluster.threads("rollout") == cluster.threads("learner") == 1 and cpus <= 2.0
     cluster, _ = layout(8, "cluster.max_policy_lag=1")
     assert (cluster.num_rollout_workers, cluster.num_learner_workers) == (2, 4)  # 2 batches an epoch; 4 of 8 cores
-    assert cluster.threads("rollout") == 2 and cluster.threads("learner") == 1
+    assert cluster.threads("rollout") == cluster.threads("learner") == 1
 
 
-def test_a_bigger_machine_gets_threads_where_batches_run_out():
+def test_a_bigger_machine_gets_more_processes_not_threads():
     cluster, cpus = layout(16)
-    assert cluster.num_rollout_workers == 2 and cluster.threads("rollout") == 8  # one actor per batch
-    assert cluster.num_learner_workers == 8 and cluster.threads("learner") == 2  # train.batch_size 8: a row each
+    assert cluster.num_rollout_workers == 2 and cluster.threads("rollout") == 1  # one actor per batch
+    assert cluster.num_learner_workers == 8 and cluster.threads("learner") == 1  # train.batch_size 8: a row each
     assert cpus <= 16
     cluster, _ = layout(3, "train.batch_size=8")
     assert cluster.num_learner_workers == 2  # a divisor of the batch: every rank takes an equal share
@@ -40,7 +40,7 @@ def test_one_cpu_and_explicit_settings():
     cluster, _ = layout(1)
     assert (cluster.num_rollout_workers, cluster.num_learner_workers) == (1, 1)
     cluster, _ = layout(2, "cluster.num_learner_workers=1")  # what is set wins; the rest is chosen
-    assert cluster.num_learner_workers == 1 and cluster.threads("learner") == 2 and cluster.num_rollout_workers == 2
+    assert cluster.num_learner_workers == 1 and cluster.threads("learner") == 1 and cluster.num_rollout_workers == 2
     explicit = load_config("configs/tiny.yaml", ["cluster.num_rollout_workers=3", "cluster.num_learner_workers=1",
                                                  "cluster.rollout_cpus=1", "cluster.reward_cpus=1", "cluster.learner_cpus=2"])
     assert fit_layout(explicit, cluster_cpus=2) is explicit.cluster  # a whole layout is left alone
