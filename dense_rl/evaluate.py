@@ -114,13 +114,13 @@ def fixed_noise_batches(prompts: list[str], samples_per_prompt: int, batch_size:
 
 
 def sample_images(pipe, config: Config, prompts: list[str], seed: int) -> torch.Tensor:
-    """Images as training scores them: 8-bit, back in [0, 1] (Trajectories.for_reward)."""
+    """Images as training scores them: 8-bit (as Trajectories.for_reward ships them), back in [0, 1]."""
     from dense_rl.diffusion.sampler import sample_trajectories, sampler_options
-    from dense_rl.diffusion.trajectories import RewardInputs
+    from dense_rl.diffusion.trajectories import RewardInputs, to_uint8
 
     trajectories = sample_trajectories(pipe, prompts, **sampler_options(config.sample),
                                        generator=torch.Generator().manual_seed(seed))
-    return RewardInputs.as_float(trajectories.for_reward().images)
+    return RewardInputs.as_float(to_uint8(trajectories.images))
 
 
 def evaluate_run(

@@ -17,7 +17,7 @@ from dense_rl.advantages import compute_step_advantages
 from dense_rl.config import Config
 from dense_rl.diffusion.pipeline import denoiser, load_pipeline
 from dense_rl.diffusion.sampler import sample_trajectories, sampler_options
-from dense_rl.diffusion.trajectories import RewardInputs, Trajectories
+from dense_rl.diffusion.trajectories import RewardInputs, Trajectories, to_uint8
 from dense_rl.lora import add_lora, load_lora_state_dict, read_lora_file
 from dense_rl.prompts import choose_prompts, load_prompts
 from dense_rl.rewards import WeightedRewards
@@ -61,7 +61,7 @@ def evaluate(pipe, config: Config, rewards: WeightedRewards, prompts: list[str],
     """Mean of each reward over one fixed-seed sample per prompt (comparable across checkpoints)."""
     generator = torch.Generator().manual_seed(seed)
     trajectories = sample_trajectories(pipe, prompts, **sampler_options(config.sample), generator=generator)
-    total, components = rewards(RewardInputs.as_float(trajectories.for_reward().images), trajectories.prompts)
+    total, components = rewards(RewardInputs.as_float(to_uint8(trajectories.images)), trajectories.prompts)
     return {"reward": float(total.mean()), **{name: float(v.mean()) for name, v in components.items()}}
 
 

@@ -90,7 +90,8 @@ def credit_compute_seconds(config, repeats: int) -> dict[str, float]:
             trackers = [PerPromptStatTracker(credit.buffer_size, credit.min_count) for _ in range(2)]
             started = time.perf_counter()
             cosines = cosine_to_final(x0_preds, trajectories.final_samples) if mode == "coca" else None
-            weights, _ = step_weights_for(mode, cosines, credit.window_size, num_steps=config.sample.num_steps)
+            weights, _ = step_weights_for(mode, cosines, credit.window_size, final_rewards=torch.from_numpy(rewards),
+                                          num_steps=config.sample.num_steps)
             compute_step_advantages(
                 trajectories.prompts, rewards, weights, credit_mode=mode, num_steps=config.sample.num_steps,
                 reward_tracker=trackers[0], step_tracker=trackers[1], temporal_alpha=credit.temporal_alpha,
