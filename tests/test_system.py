@@ -42,7 +42,11 @@ def ray_session(tmp_path_factory):
 def six_epochs(request, tmp_path_factory):
     """Six sync epochs of one family, a checkpoint each (save_every 1); after each epoch it records what
     every rollout actor holds against the LoRA the learner saved. Shared by the broadcast test and, as
-    the uninterrupted run, by the resume test."""
+    the uninterrupted run, by the resume test, for which it copies the run directory as it stands after
+    the first epoch (the driver waits for on_epoch, so nothing is written meanwhile): a run stopped
+    there, without a second run of Ray's start."""
+    import shutil
+
     import ray
 
     preset, out = request.param, tmp_path_factory.mktemp("six-epochs")
@@ -55,6 +59,8 @@ def six_epochs(request, tmp_path_factory):
         version = metrics["policy_version"]
         latest = run_dir.latest_checkpoint()
         checkpoints[latest["epoch"]] = latest["path"]
+        if version == 1:
+            shutil.copytree(f"{out}/e2e", f"{out}/after-one-epoch/e2e")
         saved = read_lora_file(f"{out}/e2e/{latest['path']}")
         held = ray.get([w.weights.remote() for w in driver.rollout_workers])
         same = all(held_version == version and weights.keys() == saved.keys()
@@ -84,20 +90,19 @@ def test_versions_broadcast_and_learning(six_epochs):
     assert last > first + 0.2, [m["reward_mean"] for m in history]
 
 
-def test_resumed_run_matches_an_uninterrupted_one(six_epochs, tmp_path):
-    """One epoch, then --resume of the same directory with a two-epoch schedule: the LoRA it saves at
+def test_resumed_run_matches_an_uninterrupted_one(six_epochs):
+    """The run as it stood after one epoch, resumed with a two-epoch schedule: the LoRA it saves at
     epoch 2 equals the uninterrupted run's (LoRA, optimizer, trackers and epoch come back)."""
-    preset, common = six_epochs["preset"], ("run.name=split", "run.save_every=1")
-    run_system(small_config(tmp_path, *common, "run.num_epochs=1", preset=preset), f"{tmp_path}/split",
-               show_progress=False)
-    history = run_system(small_config(tmp_path, *common, "run.num_epochs=2", preset=preset), f"{tmp_path}/split",
-                         show_progress=False)
+    preset, stopped = six_epochs["preset"], f"{six_epochs['out']}/after-one-epoch"
+    assert RunDir(f"{stopped}/e2e").latest_checkpoint()["epoch"] == 1
+    history = run_system(small_config(stopped, "run.name=e2e", "run.save_every=1", "run.num_epochs=2", preset=preset),
+                         f"{stopped}/e2e", show_progress=False)
     assert [m["epoch"] for m in history] == [0, 1]
 
     whole = read_lora_file(f"{six_epochs['out']}/e2e/{six_epochs['checkpoints'][2]}")
-    split_run = RunDir(f"{tmp_path}/split")
+    split_run = RunDir(f"{stopped}/e2e")
     assert split_run.latest_checkpoint()["epoch"] == 2
-    split = read_lora_file(f"{tmp_path}/split/{split_run.latest_checkpoint()['path']}")
+    split = read_lora_file(f"{stopped}/e2e/{split_run.latest_checkpoint()['path']}")
     assert whole.keys() == split.keys()
     for key in whole:
         torch.testing.assert_close(split[key], whole[key], rtol=1e-5, atol=1e-7)
