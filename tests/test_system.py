@@ -100,12 +100,12 @@ def test_resumed_run_matches_an_uninterrupted_one(six_epochs):
     assert [m["epoch"] for m in history] == [0, 1]
 
     whole = read_lora_file(f"{six_epochs['out']}/e2e/{six_epochs['checkpoints'][2]}")
-    split_run = RunDir(f"{stopped}/e2e")
-    assert split_run.latest_checkpoint()["epoch"] == 2
-    split = read_lora_file(f"{stopped}/e2e/{split_run.latest_checkpoint()['path']}")
-    assert whole.keys() == split.keys()
+    resumed_run = RunDir(f"{stopped}/e2e")
+    assert resumed_run.latest_checkpoint()["epoch"] == 2
+    resumed = read_lora_file(f"{stopped}/e2e/{resumed_run.latest_checkpoint()['path']}")
+    assert whole.keys() == resumed.keys()
     for key in whole:
-        torch.testing.assert_close(split[key], whole[key], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-7)
 
 
 def test_async_mode_trains_on_samples_at_most_one_version_old(tmp_path):
