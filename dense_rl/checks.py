@@ -77,6 +77,21 @@ def check_lora_file(config: Config) -> None:
                               f"features, {config.model.pretrained} has {cross_width}; use a LoRA of this model")
 
 
+def compile_problem(device: str) -> str | None:
+    """Why torch.compile cannot run here, as a one-line error naming model.compile; None if it can.
+    On CPU its code generator (inductor) builds C++ with the system compiler."""
+    import shutil
+
+    import torch
+
+    if not torch._dynamo.is_dynamo_supported():
+        return "model.compile: torch.compile does not support this Python; set model.compile=false"
+    if device == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        return ("model.compile: torch.compile on CPU needs a C++ compiler on PATH (g++ or clang++, or $CXX); "
+                "install one (apt-get install g++) or set model.compile=false")
+    return None
+
+
 def model_folder(config: Config) -> Path:
     """The folder holding model.pretrained's model_index.json: the embedded model, a local folder, or a
     hub id's snapshot in the local Hugging Face cache (looked up locally only: runs never download)."""

@@ -30,6 +30,7 @@ class ModelConfig:
     revision: str | None = None
     dtype: str = "float32"  # float32 | float16 | bfloat16 (half precision needs a GPU)
     device: str = "cpu"  # cpu | cuda
+    compile: bool = False  # torch.compile the UNet / flow transformer for sampling and training (opt-in)
 
 
 @dataclass

@@ -77,7 +77,7 @@ def preflight(config: Config, run_uri: str, resuming: bool) -> None:
     """Checks that read files but load no weights: run before Ray starts. The model checks come last:
     they import diffusers (for the UNet built on the meta device)."""
     from dense_rl.checkpoint import latest_checkpoint
-    from dense_rl.checks import check_lora_file, check_memory, check_target_modules, model_folder
+    from dense_rl.checks import check_lora_file, check_memory, check_target_modules, compile_problem, model_folder
     from dense_rl.prompts import load_prompts
     from dense_rl.run_dir import RunDir
 
@@ -90,6 +90,8 @@ def preflight(config: Config, run_uri: str, resuming: bool) -> None:
     if config.lora.init_from:
         check_lora_file(config)
     check_memory(config)
+    if config.model.compile and compile_problem(config.model.device):
+        raise ConfigError(compile_problem(config.model.device))
     run = RunDir(run_uri)
     if not resuming and latest_checkpoint(run) is not None:
         raise ConfigError(

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from dense_rl.advantages import compute_step_advantages
 from dense_rl.config import Config
-from dense_rl.diffusion.pipeline import denoiser, load_pipeline
+from dense_rl.diffusion.pipeline import compile_denoiser, denoiser, load_pipeline
 from dense_rl.diffusion.sampler import sample_trajectories, sampler_options
 from dense_rl.diffusion.trajectories import RewardInputs, Trajectories, to_uint8
 from dense_rl.lora import add_lora, load_lora_state_dict, read_lora_file
@@ -38,6 +38,8 @@ def build_policy(config: Config):
         params = add_lora(denoiser(pipe), config.lora.rank, config.lora.alpha, config.lora.target_modules)
     if config.lora.init_from:
         load_lora_state_dict(denoiser(pipe), read_lora_file(config.lora.init_from))
+    if config.model.compile:
+        compile_denoiser(pipe, config.model.device)
     return pipe, params
 
 
@@ -57,11 +59,16 @@ def sample_epoch(pipe, config: Config, prompts: list[str], epoch: int, version: 
 
 
 @torch.no_grad()
-def evaluate(pipe, config: Config, rewards: WeightedRewards, prompts: list[str], seed: int) -> dict[str, float]:
-    """Mean of each reward over one fixed-seed sample per prompt (comparable across checkpoints)."""
+def evaluate(pipe, config: Config, rewards: WeightedRewards, prompts: list[str], seed: int,
+             keep_images: list | None = None) -> dict[str, float]:
+    """Mean of each reward over one fixed-seed sample per prompt (comparable across checkpoints); the
+    uint8 images are appended to `keep_images` when a list is given."""
     generator = torch.Generator().manual_seed(seed)
     trajectories = sample_trajectories(pipe, prompts, **sampler_options(config.sample), generator=generator)
-    total, components = rewards(RewardInputs.as_float(to_uint8(trajectories.images)), trajectories.prompts)
+    images = to_uint8(trajectories.images)
+    if keep_images is not None:
+        keep_images.append(images)
+    total, components = rewards(RewardInputs.as_float(images), trajectories.prompts)
     return {"reward": float(total.mean()), **{name: float(v.mean()) for name, v in components.items()}}
 
 

@@ -252,3 +252,27 @@ def test_an_actor_that_cannot_start_ends_the_run_at_once_with_the_cause(tmp_path
     # Not a speed target (the launch's own Ray start took 30-95 s on this 2-core machine): the bound
     # tells ending at the failed constructor from hanging until the 180-s timeout above.
     assert seconds < 150, f"took {seconds:.0f} s"
+
+
+def test_model_compile_is_wired_in_and_refused_without_a_cpu_compiler(tmp_path, monkeypatch):
+    """model.compile compiles the denoiser in place (compilation itself waits for the first forward,
+    minutes on 2 CPU cores: docs/benchmarks.md has the measurement), and where torch.compile cannot
+    run, launch refuses before Ray starts, with the field and the fix."""
+    from dense_rl.config import ConfigError, load_config
+    from dense_rl.diffusion.pipeline import denoiser
+    from dense_rl.launch import preflight
+    from dense_rl.loop import build_policy
+
+    pipe, _ = build_policy(load_config("configs/tiny.yaml", ["model.compile=true"]))
+    assert denoiser(pipe)._compiled_call_impl is not None
+    eager, _ = build_policy(load_config("configs/tiny.yaml"))
+    assert denoiser(eager)._compiled_call_impl is None
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ or clang++ on it
+    monkeypatch.delenv("CXX", raising=False)
+    config = load_config("configs/tiny.yaml", ["model.compile=true", f"run.output_dir={tmp_path}", "run.name=c"])
+    with pytest.raises(ConfigError, match=r"^model.compile: torch.compile on CPU needs a C\+\+ compiler on PATH"):
+        preflight(config, f"{tmp_path}/c", resuming=False)
+    with pytest.raises(RuntimeError, match=r"^model.compile: torch.compile on CPU needs a C\+\+ compiler"):
+        build_policy(config)
+    assert not (tmp_path / "c").exists()  # refused before anything was written

@@ -3,6 +3,7 @@
     sample-efficiency   CoCA vs DDPO (sparse) vs UCA (uniform): reward against samples, several seeds
     throughput          credit cost, Ray vs in-process, async vs sync, weight broadcast, object-store bytes
     scaling             throughput against the number of rollout actors on the local multi-node cluster
+    peer                the peer workload on a local diffusers folder: in-process, Ray sync and async (and the peer's scripts)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ BENCHMARKS = {
     "sample-efficiency": "dense_rl.bench.sample_efficiency",
     "throughput": "dense_rl.bench.throughput",
     "scaling": "dense_rl.bench.scaling",
+    "peer": "dense_rl.bench.peer",
 }
 
 

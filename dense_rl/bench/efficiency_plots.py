@@ -109,3 +109,45 @@ def plot_credit(summary: dict, path: Path) -> bool:
     figure.savefig(path)
     plt.close(figure)
     return True
+
+
+def plot_samples(out: Path, runs_dir: Path, grid: list[tuple], path: Path) -> bool:
+    """Held-out samples of the final policies, a row per training reward: the base model, then each
+    method at the lowest seed whose samples are on disk (the same prompts and noise in every panel).
+    Writes nothing and returns False when no run saved its samples."""
+    from PIL import Image
+
+    from dense_rl.bench.efficiency_runs import samples_file
+
+    rewards = list(dict.fromkeys(reward for reward, _, _ in grid))
+    methods = list(dict.fromkeys(method for _, method, _ in grid))
+    panels = {}
+    for reward, method, seed in sorted(grid, key=lambda key: key[2]):
+        file = samples_file(runs_dir, (reward, method, seed))
+        if (reward, method) not in panels and file.is_file():
+            panels[reward, method] = (seed, file)
+    if not panels:
+        return False
+    plt = pyplot()
+    columns = 1 + len(methods)
+    width, height = Image.open(next(iter(panels.values()))[1]).size
+    figure, axes = plt.subplots(len(rewards), columns, figsize=(2.3 * columns, 2.3 * height / width * len(rewards) + 0.8),
+                                dpi=110, squeeze=False)
+    base = out / "base_heldout.png"
+    for row, reward in zip(axes, rewards):
+        for axis, (label, entry) in zip(row, [("base model", (None, base))] +
+                                        [(LABELS[m], panels.get((reward, m))) for m in methods]):
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if entry is None or not entry[1].is_file():
+                axis.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=axis.transAxes)
+            else:
+                axis.imshow(np.asarray(Image.open(entry[1])))
+            seed = "" if entry is None or entry[0] is None else f", seed {entry[0]}"
+            axis.set_title(f"{label}{seed}", fontsize=9)
+        row[0].set_ylabel(f"trained on {reward}", fontsize=9)
+    figure.suptitle("held-out prompts (a row per digit, a column per colour) after the budget", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return True

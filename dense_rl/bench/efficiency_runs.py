@@ -2,7 +2,8 @@
 
 A run is one (reward, method, seed). It trains with the in-process reference loop and scores the
 final policy on held-out prompts, then is written to OUT/runs/<reward>__<method>__seed<N>.json as soon
-as it finishes, so a sweep cut short keeps every run it finished and the same command resumes it.
+as it finishes (with its final policy's held-out samples beside it, <name>.png), so a sweep cut short
+keeps every run it finished and the same command resumes it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,27 @@ def run_name(key: tuple[str, str, int]) -> str:
 
 def run_file(runs_dir: Path, key: tuple[str, str, int]) -> Path:
     return Path(runs_dir) / f"{run_name(key)}.json"
+
+
+def samples_file(runs_dir: Path, key: tuple[str, str, int]) -> Path:
+    return Path(runs_dir) / f"{run_name(key)}.png"
+
+
+def write_samples(path: Path, images) -> None:
+    """The held-out samples (uint8 [N, 3, H, W], prompts in the held-out order: six colours of each
+    digit) as one PNG, a row per digit: what a reader looks at to see a reward saturate or be gamed."""
+    from dense_rl.plots import image_grid_png
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(image_grid_png(images, columns=6, min_cell=32))
+    os.replace(tmp, path)
+
+
+def write_run(runs_dir: Path, key: tuple[str, str, int], run: dict, images) -> None:
+    """The samples first, then the run file, whose presence marks the run done."""
+    Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    write_samples(samples_file(runs_dir, key), images)
+    write_json_atomic(run_file(runs_dir, key), run)
 
 
 def key_of(run: dict) -> tuple[str, str, int]:
@@ -115,8 +137,9 @@ def check_configs(settings: dict, rewards, methods) -> None:
                 raise SystemExit(f"{reward} x {method}: {error}") from None
 
 
-def execute_run(settings: dict, key: tuple[str, str, int], threads: int = 1) -> dict:
-    """Train and evaluate one (reward, method, seed) in this process; returns its run record."""
+def execute_run(settings: dict, key: tuple[str, str, int], threads: int = 1) -> tuple[dict, object]:
+    """Train and evaluate one (reward, method, seed) in this process; returns its run record and the
+    final policy's held-out samples (uint8)."""
     import torch
 
     from dense_rl.config import RewardSpec, load_config
@@ -132,7 +155,8 @@ def execute_run(settings: dict, key: tuple[str, str, int], threads: int = 1) -> 
     started, load_before = time.perf_counter(), load_average()
     holder = {}  # train() leaves its final policy here, to be scored on the held-out prompts
     history = train(config, show_progress=False, keep_policy=holder)
-    scores = evaluate(holder["pipe"], config, eval_rewards, heldout, seed=settings["eval_seed"])
+    images = []
+    scores = evaluate(holder["pipe"], config, eval_rewards, heldout, seed=settings["eval_seed"], keep_images=images)
     run = {"format": RUN_FORMAT, "reward": reward, "method": method, "credit_mode": METHODS[method], "seed": seed,
            "settings": settings}
     run.update({name: [m.get(name) for m in history] for name in PER_EPOCH if any(name in m for m in history)})
@@ -144,14 +168,15 @@ def execute_run(settings: dict, key: tuple[str, str, int], threads: int = 1) -> 
         "load_average_before": load_before, "load_average_after": load_average(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
-    return run
+    return run, images[0]
 
 
 def base_heldout(out: Path, settings: dict, base_config, names: list[str]) -> dict[str, float]:
     """The base model's held-out rewards (LoRA starts at zero: every run's starting point); cached
-    in OUT/base_heldout.json, so a rerun with the same settings builds no model."""
+    in OUT/base_heldout.json (its samples in base_heldout.png), so a rerun with the same settings
+    builds no model."""
     path = out / "base_heldout.json"
-    if path.is_file():
+    if path.is_file() and (out / "base_heldout.png").is_file():
         cached = json.loads(path.read_text())
         if not settings_difference(settings, cached.get("settings", {})) and set(names) <= set(cached["scores"]):
             return {name: cached["scores"][name] for name in names}
@@ -162,9 +187,11 @@ def base_heldout(out: Path, settings: dict, base_config, names: list[str]) -> di
 
     pipe, _ = build_policy(base_config)
     heldout = load_prompts(settings["heldout"])[: settings["heldout_prompts"]]
+    images = []
     scores = evaluate(pipe, base_config, WeightedRewards([RewardSpec(name=n) for n in names]), heldout,
-                      seed=settings["eval_seed"])
+                      seed=settings["eval_seed"], keep_images=images)
     scores = {name: scores[name] for name in names}
+    write_samples(out / "base_heldout.png", images[0])
     write_json_atomic(path, {"settings": settings, "scores": scores})
     return scores
 
@@ -204,7 +231,7 @@ def run_grid(args, settings: dict, todo: list[tuple], done: int, total: int) -> 
         for key in todo:
             bar.set_postfix_str(",".join(map(str, key)))
             try:
-                write_json_atomic(run_file(runs_dir, key), execute_run(settings, key, args.threads))
+                write_run(runs_dir, key, *execute_run(settings, key, args.threads))
             except Exception as error:  # one run failing must not lose the others: report it at the end
                 traceback.print_exc()
                 failures.append(f"{','.join(map(str, key))}: {type(error).__name__}: {error}")

@@ -31,15 +31,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 from dense_rl.bench import efficiency_stats as stats
 from dense_rl.bench.common import Report, table
-from dense_rl.bench.efficiency_plots import LABELS, plot_credit, plot_curves, plot_heldout
+from dense_rl.bench.efficiency_plots import LABELS, plot_credit, plot_curves, plot_heldout, plot_samples
 from dense_rl.bench.efficiency_runs import (METHODS, RUN_SETTINGS, base_heldout, check_configs, execute_run,
                                             existing_runs, key_of, read_runs, run_file, run_grid, runs_to_do,
-                                            settings_difference, write_json_atomic)
+                                            samples_file, settings_difference, write_json_atomic, write_run)
 from dense_rl.bench.efficiency_summary import summarise
 
 REWARDS = ("preference", "jpeg_compressibility", "jpeg_incompressibility")
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
     if args.one:  # a child of --jobs: one run, its file, nothing else
         reward, method, seed = args.one.split(",")
         key = (reward, method, int(seed))
-        write_json_atomic(run_file(runs_dir, key), execute_run(settings, key, args.threads))
+        write_run(runs_dir, key, *execute_run(settings, key, args.threads))
         return 0
 
     rewards, methods, seeds = selection(args)
@@ -197,10 +198,9 @@ def load_part(folder: Path) -> dict:
     is_runs_folder = not (folder / "runs").is_dir() and any(folder.glob("*__*__seed*.json"))
     home = folder.parent if is_runs_folder else folder  # the --out folder: results.json, base_heldout.json
     results = json.loads((home / "results.json").read_text()) if (home / "results.json").is_file() else None
-    if is_runs_folder:
-        runs = [run for _, run in read_runs(folder).values()]
-    elif (folder / "runs").is_dir():
-        runs = [run for _, run in read_runs(folder / "runs").values()]
+    runs_dir = folder if is_runs_folder else folder / "runs"
+    if runs_dir.is_dir():
+        runs = [run for _, run in read_runs(runs_dir).values()]
     elif results is not None:
         runs = _runs_of_results(results)
     else:
@@ -219,14 +219,14 @@ def load_part(folder: Path) -> dict:
     grid["rewards"] += [r["reward"] for r in runs]
     grid["methods"] += [r["method"] for r in runs]
     grid["seeds"] += [int(r["seed"]) for r in runs]
-    return {"runs": runs, "base": base, "grid": grid, "folder": str(folder)}
+    return {"runs": runs, "base": base, "grid": grid, "folder": str(folder), "runs_dir": runs_dir}
 
 
 def merge(args) -> int:
     """Combine runs written by several invocations (other sittings, other machines) into one report;
     the runs are copied into OUT/runs, so the same command can then complete the grid there."""
     parts = [load_part(Path(folder)) for folder in args.merge]
-    runs, reference, duplicates = {}, None, 0  # reference: the first run's settings, which every run must share
+    runs, samples, reference, duplicates = {}, {}, None, 0  # reference: the first run's settings, which all share
     for part in parts:
         for run in part["runs"]:
             if reference is None:
@@ -239,12 +239,16 @@ def merge(args) -> int:
                 duplicates += 1
             else:
                 runs[key_of(run)] = run
+                samples[key_of(run)] = samples_file(part["runs_dir"], key_of(run))
     if reference is None:
         raise SystemExit(f"--merge: no runs in {', '.join(args.merge)}")
     out = Path(args.out)
     on_disk = existing_runs(out / "runs", reference)
     for key, run in runs.items():
         if key not in on_disk:
+            if samples[key].is_file():
+                (out / "runs").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(samples[key], samples_file(out / "runs", key))
             write_json_atomic(run_file(out / "runs", key), run)
     runs = {**runs, **on_disk}
     seen = list(dict.fromkeys(r for part in parts for r in part["grid"]["rewards"]))
@@ -336,6 +340,8 @@ def finish(report: Report, grid: list[tuple]) -> None:
     wrote = ["results.json", "reward_vs_samples.png", "heldout.png"]
     if plot_credit(summary, report.out / "step_weights.png"):
         wrote.append("step_weights.png")
+    if plot_samples(report.out, report.out / "runs", grid, report.out / "samples.png"):
+        wrote.append("samples.png")
     report.finish()
     print_tables(summary, settings, base)
     print(f"wrote {', '.join(str(report.out / name) for name in wrote)}")

@@ -124,6 +124,18 @@ def denoiser(pipe) -> torch.nn.Module:
     return model if model is not None else pipe.transformer
 
 
+def compile_denoiser(pipe, device: str) -> None:
+    """torch.compile the denoiser in place (nn.Module.compile): the module, its LoRA layers and any
+    DDP wrapper around it stay what they are, only its forward runs compiled. The first batch of
+    each shape pays the compilation."""
+    from dense_rl.checks import compile_problem
+
+    problem = compile_problem(device)
+    if problem:
+        raise RuntimeError(problem)
+    denoiser(pipe).compile()
+
+
 def is_flow(pipe) -> bool:
     """True for rectified-flow (flow-matching) pipelines: the model predicts a velocity."""
     return isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)

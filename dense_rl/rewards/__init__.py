@@ -19,6 +19,8 @@ _BACKENDS = {
     "digit_alignment": ("dense_rl.rewards.tiny", "DigitAlignmentReward"),
     "jpeg_compressibility": ("dense_rl.rewards.jpeg", "JpegCompressibility"),
     "jpeg_incompressibility": ("dense_rl.rewards.jpeg", "JpegIncompressibility"),
+    "brightness": ("dense_rl.rewards.brightness", "Brightness"),
+    "darkness": ("dense_rl.rewards.brightness", "Darkness"),
     "aesthetic": ("dense_rl.rewards.aesthetic", "AestheticReward"),
     "hps": ("dense_rl.rewards.hps", "HPSReward"),
     "hps_v2.0": ("dense_rl.rewards.hps", "HPSv20Reward"),
@@ -27,9 +29,10 @@ _BACKENDS = {
 }
 REWARD_NAMES = frozenset(_BACKENDS)
 # Backends that score pixels with no weights of their own take no path or device.
-_WEIGHTLESS = {"jpeg_compressibility", "jpeg_incompressibility"}
+_WEIGHTLESS = {"jpeg_compressibility", "jpeg_incompressibility", "brightness", "darkness"}
 # Backends that always compute in float32; every other one takes a `dtype` ("auto": fp16 on CUDA).
-FLOAT32_ONLY = frozenset({"preference", "digit_alignment", "jpeg_compressibility", "jpeg_incompressibility"})
+FLOAT32_ONLY = frozenset({"preference", "digit_alignment", "jpeg_compressibility", "jpeg_incompressibility",
+                          "brightness", "darkness"})
 
 
 class RewardFunction(Protocol):
