@@ -10,8 +10,10 @@ a thread per core, for sampling (independent batches; issue 14's peer table) and
   cores (a divisor of train.batch_size). Each actor asks Ray for an equal share of the CPUs, so the
   whole layout fits exactly the CPUs the cluster reports: a private instance, `ray start --head` on a
   2-core laptop, or a real cluster.
-- Async mode: sampling overlaps the update, so the cores are split between them: half run rollouts,
-  half learner ranks.
+- Async mode: the same layout. Sampling overlaps the update and the stages share the cores; splitting
+  the cores between them instead (half rollouts, half learner ranks) was slower on the peer workload,
+  where the update is three quarters of the work: 0.83 trajectories/s split against 1.17 shared (sync
+  1.33; docs/benchmarks.md, "The peer workload").
 - One reward actor. Every actor is single-threaded unless `cluster.*_threads` says otherwise.
 
 Only what the config leaves empty is chosen; explicit settings win. GPU layouts (`*_gpus > 0`) are
@@ -45,9 +47,8 @@ def fit_layout(config: Config, cluster_cpus: float) -> ClusterConfig:
         return dataclasses.replace(cluster, **{k: v if getattr(cluster, k) is None else getattr(cluster, k)
                                                for k, v in PINNED_DEFAULTS.items()})
     cores = max(1, int(cluster_cpus))
-    lanes = cores if cluster.max_policy_lag == 0 else max(1, cores // 2)  # async: half sample, half learn
-    rollouts = cluster.num_rollout_workers or max(1, min(lanes, config.sample.num_batches_per_epoch))
-    learners = cluster.num_learner_workers or largest_divisor_at_most(config.train.batch_size, lanes)
+    rollouts = cluster.num_rollout_workers or max(1, min(cores, config.sample.num_batches_per_epoch))
+    learners = cluster.num_learner_workers or largest_divisor_at_most(config.train.batch_size, cores)
     rewards = cluster.num_reward_workers
     # Equal shares of what the cluster has, so the whole layout is placeable on it.
     share = math.floor(1000 * cores / (rollouts + learners + rewards)) / 1000  # rounded down: the sum fits

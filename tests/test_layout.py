@@ -18,13 +18,13 @@ def test_a_two_core_machine_runs_one_single_threaded_process_per_core_per_stage(
     assert cpus == pytest.approx(2.0, abs=0.01)  # fits what `ray start --head` reports on that laptop
 
 
-def test_async_splits_the_cores_between_sampling_and_the_update():
-    cluster, cpus = layout(2, "cluster.max_policy_lag=1")
-    assert (cluster.num_rollout_workers, cluster.num_learner_workers) == (1, 1)
-    assert cluster.threads("rollout") == cluster.threads("learner") == 1 and cpus <= 2.0
-    cluster, _ = layout(8, "cluster.max_policy_lag=1")
-    assert (cluster.num_rollout_workers, cluster.num_learner_workers) == (2, 4)  # 2 batches an epoch; 4 of 8 cores
-    assert cluster.threads("rollout") == cluster.threads("learner") == 1
+def test_async_shares_the_cores_between_sampling_and_the_update_as_sync_does():
+    for cores in (2, 8):
+        lagged, cpus = layout(cores, "cluster.max_policy_lag=1")
+        sync, _ = layout(cores)
+        assert (lagged.num_rollout_workers, lagged.num_learner_workers) == (sync.num_rollout_workers, sync.num_learner_workers)
+        assert lagged.threads("rollout") == lagged.threads("learner") == 1 and cpus <= cores
+    assert (lagged.num_rollout_workers, lagged.num_learner_workers) == (2, 8)  # 2 batches an epoch; batch 8 on 8 cores
 
 
 def test_a_bigger_machine_gets_more_processes_not_threads():

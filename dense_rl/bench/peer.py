@@ -134,10 +134,11 @@ def ray_system(config) -> dict:
 
 
 def parse_peer_output(lines: list[tuple[float, str]], started: float) -> dict:
-    """A peer script's output, each line with the time it was read: its last line is one JSON object
-    (epoch_s, sample_s_per_epoch, ...); its first "epoch 0:" line marks the first epoch's end."""
-    result = json.loads(lines[-1][1])
-    first = next(at for at, line in lines if line.startswith("epoch 0:"))
+    """A peer script's output, each line with the time it was read: its last JSON line is its result
+    (epoch_s, sample_s_per_epoch, ...); its first "epoch 0:" line marks the first epoch's end (progress
+    bars of the libraries it runs may share that line)."""
+    result = json.loads(next(line for _, line in reversed(lines) if line.startswith("{")))
+    first = next(at for at, line in lines if "epoch 0:" in line)
     epochs = [float(s) for s in result["epoch_s"]]
     count = len(epochs)
     learn = result["train_s_per_epoch"] + result.get("other_s_per_epoch", 0.0)

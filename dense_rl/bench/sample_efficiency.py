@@ -43,7 +43,7 @@ from dense_rl.bench.efficiency_runs import (METHODS, RUN_SETTINGS, base_heldout,
                                             samples_file, settings_difference, write_json_atomic, write_run)
 from dense_rl.bench.efficiency_summary import summarise
 
-REWARDS = ("preference", "jpeg_compressibility", "jpeg_incompressibility")
+REWARDS = ("preference", "brightness", "darkness")  # why not the JPEG pair: docs/benchmarks.md, "Rewards with headroom"
 UNSEEN_REWARD = "digit_alignment"
 SEEDS = 5
 # 24 epochs of the tiny preset's 32 samples: where DDPO's curve on the preference reward has risen
@@ -219,7 +219,8 @@ def load_part(folder: Path) -> dict:
     grid["rewards"] += [r["reward"] for r in runs]
     grid["methods"] += [r["method"] for r in runs]
     grid["seeds"] += [int(r["seed"]) for r in runs]
-    return {"runs": runs, "base": base, "grid": grid, "folder": str(folder), "runs_dir": runs_dir}
+    return {"runs": runs, "base": base, "grid": grid, "folder": str(folder), "runs_dir": runs_dir,
+            "base_samples": home / "base_heldout.png"}
 
 
 def merge(args) -> int:
@@ -251,6 +252,9 @@ def merge(args) -> int:
                 shutil.copyfile(samples[key], samples_file(out / "runs", key))
             write_json_atomic(run_file(out / "runs", key), run)
     runs = {**runs, **on_disk}
+    base_samples = [part["base_samples"] for part in parts if part["base_samples"].is_file()]
+    if base_samples and not (out / "base_heldout.png").is_file():
+        shutil.copyfile(base_samples[0], out / "base_heldout.png")
     seen = list(dict.fromkeys(r for part in parts for r in part["grid"]["rewards"]))
     rewards = sorted(seen, key=lambda r: (REWARDS.index(r) if r in REWARDS else len(REWARDS), seen.index(r)))
     methods = [m for m in METHODS if any(m in part["grid"]["methods"] for part in parts)]
