@@ -174,12 +174,15 @@ def execute_run(settings: dict, key: tuple[str, str, int], threads: int = 1) -> 
 def base_heldout(out: Path, settings: dict, base_config, names: list[str]) -> dict[str, float]:
     """The base model's held-out rewards (LoRA starts at zero: every run's starting point); cached
     in OUT/base_heldout.json (its samples in base_heldout.png), so a rerun with the same settings
-    builds no model."""
-    path = out / "base_heldout.json"
-    if path.is_file() and (out / "base_heldout.png").is_file():
+    builds no model. Scores of other rewards already cached are kept: sweeps of different rewards
+    can share one OUT."""
+    path, known = out / "base_heldout.json", {}
+    if path.is_file():
         cached = json.loads(path.read_text())
-        if not settings_difference(settings, cached.get("settings", {})) and set(names) <= set(cached["scores"]):
-            return {name: cached["scores"][name] for name in names}
+        if not settings_difference(settings, cached.get("settings", {})):
+            known = cached["scores"]
+            if set(names) <= set(known) and (out / "base_heldout.png").is_file():
+                return {name: known[name] for name in names}
     from dense_rl.config import RewardSpec
     from dense_rl.loop import build_policy, evaluate
     from dense_rl.prompts import load_prompts
@@ -192,7 +195,7 @@ def base_heldout(out: Path, settings: dict, base_config, names: list[str]) -> di
                       seed=settings["eval_seed"], keep_images=images)
     scores = {name: scores[name] for name in names}
     write_samples(out / "base_heldout.png", images[0])
-    write_json_atomic(path, {"settings": settings, "scores": scores})
+    write_json_atomic(path, {"settings": settings, "scores": {**known, **scores}})
     return scores
 
 
