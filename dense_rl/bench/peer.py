@@ -167,8 +167,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
     for setup, repeats in runs.items():
         per_setup[setup] = {name: statistics.median(r[name] for r in repeats)
                             for name in ("trajectories_per_second", "first_epoch_end_seconds", "steady_epoch_seconds")}
-        per_setup[setup]["sample_seconds"] = statistics.median(s for r in repeats for s in r["sample_seconds"][1:] or r["sample_seconds"])
-        per_setup[setup]["learn_seconds"] = statistics.median(s for r in repeats for s in r["learn_seconds"][1:] or r["learn_seconds"])
+        for name in ("sample_seconds", "learn_seconds"):  # steady epochs only, like the rate
+            per_setup[setup][name] = statistics.median(s for r in repeats for s in r[name][1:] or r[name])
         per_setup[setup]["repeats"] = len(repeats)
     rate = {setup: entry["trajectories_per_second"] for setup, entry in per_setup.items()}
     ratios = {}
