@@ -90,8 +90,9 @@ def preflight(config: Config, run_uri: str, resuming: bool) -> None:
     if config.lora.init_from:
         check_lora_file(config)
     check_memory(config)
-    if config.model.compile and compile_problem(config.model.device):
-        raise ConfigError(compile_problem(config.model.device))
+    problem = compile_problem(config.model.device) if config.model.compile else None
+    if problem:
+        raise ConfigError(problem)
     run = RunDir(run_uri)
     if not resuming and latest_checkpoint(run) is not None:
         raise ConfigError(

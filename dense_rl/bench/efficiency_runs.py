@@ -53,14 +53,11 @@ def write_samples(path: Path, images) -> None:
     digit) as one PNG, a row per digit: what a reader looks at to see a reward saturate or be gamed."""
     from dense_rl.plots import image_grid_png
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(image_grid_png(images, columns=6, min_cell=32))
-    os.replace(tmp, path)
+    write_atomic(path, image_grid_png(images, columns=6, min_cell=32))
 
 
 def write_run(runs_dir: Path, key: tuple[str, str, int], run: dict, images) -> None:
     """The samples first, then the run file, whose presence marks the run done."""
-    Path(runs_dir).mkdir(parents=True, exist_ok=True)
     write_samples(samples_file(runs_dir, key), images)
     write_json_atomic(run_file(runs_dir, key), run)
 
@@ -69,14 +66,18 @@ def key_of(run: dict) -> tuple[str, str, int]:
     return run["reward"], run["method"], int(run["seed"])
 
 
-def write_json_atomic(path: Path, data) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename it over `path`: a reader (or a sweep cut
     short) never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(finite_or_none(data), indent=1, allow_nan=False))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    write_atomic(path, json.dumps(finite_or_none(data), indent=1, allow_nan=False).encode())
 
 
 def read_runs(runs_dir: Path) -> dict[tuple, tuple[Path, dict]]:

@@ -40,7 +40,8 @@ from dense_rl.bench.common import Report, table
 from dense_rl.bench.efficiency_plots import LABELS, plot_credit, plot_curves, plot_heldout, plot_samples
 from dense_rl.bench.efficiency_runs import (METHODS, RUN_SETTINGS, base_heldout, check_configs, execute_run,
                                             existing_runs, key_of, read_runs, run_file, run_grid, runs_to_do,
-                                            samples_file, settings_difference, write_json_atomic, write_run)
+                                            samples_file, settings_difference, write_atomic, write_json_atomic,
+                                            write_run)
 from dense_rl.bench.efficiency_summary import summarise
 
 REWARDS = ("preference", "brightness", "darkness")  # why not the JPEG pair: docs/benchmarks.md, "Rewards with headroom"
@@ -248,8 +249,7 @@ def merge(args) -> int:
     for key, run in runs.items():
         if key not in on_disk:
             if samples[key].is_file():
-                (out / "runs").mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(samples[key], samples_file(out / "runs", key))
+                write_atomic(samples_file(out / "runs", key), samples[key].read_bytes())
             write_json_atomic(run_file(out / "runs", key), run)
     runs = {**runs, **on_disk}
     base_samples = [part["base_samples"] for part in parts if part["base_samples"].is_file()]
