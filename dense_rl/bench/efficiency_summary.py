@@ -68,8 +68,9 @@ def summarise_reward(runs: list[dict], reward: str, methods: list[str], samples:
             "auc": stats.auc_summary(samples, curve, None if ddpo is None or method == "ddpo" else ddpo, indices),
             "heldout": {name: stats.mean_interval([r["heldout"][name] for r in done], indices)
                         for name in (reward, unseen) if all(name in r["heldout"] for r in done)},
-            "mean_epoch_seconds": float(np.mean([np.mean(r["epoch_seconds"]) for r in done])),
-            "mean_score_seconds": (float(np.mean([np.mean(r["seconds_score"]) for r in done]))
+            # Medians: a run that shared the cores for a while (or was paused) skews a mean.
+            "median_epoch_seconds": float(np.median([np.median(r["epoch_seconds"]) for r in done])),
+            "median_score_seconds": (float(np.median([np.median(r["seconds_score"]) for r in done]))
                                    if all(r.get("seconds_score") for r in done) else None),
         }
         if ddpo is not None:

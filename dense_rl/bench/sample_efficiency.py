@@ -314,12 +314,12 @@ def print_tables(summary: dict, settings: dict, base: dict) -> None:
                          *[_ratio_cell(ratios.get(f)) if method != "ddpo" else "1 (reference)" for f in fractions],
                          _stat_cell(gain, signed=True) if gain else "-", _stat_cell(entry["auc"]),
                          _stat_cell(entry["heldout"].get(reward)), _stat_cell(entry["heldout"].get(unseen)),
-                         entry["mean_epoch_seconds"], entry["mean_score_seconds"]))
+                         entry["median_epoch_seconds"], entry["median_score_seconds"]))
         rows.append(("base model", "", "", *[""] * len(fractions), "", "", base.get(reward), base.get(unseen), None, None))
         print(table(rows, ("method", "seeds", f"final reward ({summary['smoothing_window_epochs']}-epoch mean)",
                            *[f"DDPO/method samples to {float(f):.0%}" for f in fractions],
                            "paired gain vs DDPO", "AUC (mean reward)", f"held-out {reward}",
-                           f"held-out {unseen} (unseen)", "s/epoch", "score s/epoch")))
+                           f"held-out {unseen} (unseen)", "s/epoch (median)", "score s/epoch (median)")))
         if sweep.get("ddpo_final_reward") is not None:
             print(f"DDPO: first-epoch reward {sweep['ddpo_first_reward']:.4g}, final {sweep['ddpo_final_reward']:.4g}; thresholds "
                   + ", ".join(f"{float(f):.0%} = {t:.4g}" for f, t in sweep["targets"].items()))
