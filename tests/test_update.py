@@ -1,5 +1,6 @@
 """ppo_update on its own: the KL penalty's gradient, timestep_fraction, inner epochs, the decoupled
-off-policy correction, and DDP over 2 gloo ranks giving the one-process gradient."""
+off-policy correction, and DDP over 2 gloo ranks giving the one-process gradient without
+broadcasting the frozen UNet."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dense_rl.config import TrainConfig
 from dense_rl.diffusion.pipeline import load_pipeline
 from dense_rl.diffusion.sampler import sample_trajectories
 from dense_rl.diffusion.trajectories import Trajectories
-from dense_rl.update import ppo_update
+from dense_rl.update import ignore_frozen_in_ddp, ppo_update
 
 from conftest import GradientRecorder, with_lora
 
@@ -194,6 +195,7 @@ def _rank_gradient(rank: int, world_size: int, port: int, folder: str, out: str)
         advantages = torch.randn(len(PROMPTS), STEPS, generator=torch.Generator().manual_seed(7))
         share = len(PROMPTS) // world_size
         rows = list(range(rank * share, (rank + 1) * share))
+        ignore_frozen_in_ddp(pipe.unet)  # as the learner wraps it
         ddp_unet = DistributedDataParallel(pipe.unet, find_unused_parameters=False)
         optimizer = GradientRecorder(params)
         ppo_update(ddp_unet, pipe.scheduler, optimizer, params, trajectories.select(rows), advantages[rows],
@@ -217,3 +219,49 @@ def test_two_gloo_ranks_give_the_one_process_gradient(tiny_sd_dir, tmp_path):
     grads, _ = update(pipe, params, trajectories, advantages, guidance_scale=3.0)
     assert ddp_gradient.abs().max() > 0
     torch.testing.assert_close(ddp_gradient, grads[0], rtol=0, atol=1e-6)
+
+
+def _rank_wrap(rank: int, world_size: int, port: int, folder: str, out: str) -> None:
+    """Rank 1 changes one frozen and one LoRA weight, then both ranks wrap the UNet in DDP, once as
+    the learner does and once plainly; rank 1 saves what each wrapping left of its changes."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = {}
+        for ignore in (True, False):
+            pipe, params = policy(folder)
+            frozen = pipe.unet.conv_in.weight
+            if rank == 1:
+                with torch.no_grad():
+                    frozen.add_(1.0)
+                    params[0].add_(1.0)
+            result[f"{ignore}_ignored_elements"] = torch.tensor(ignore_frozen_in_ddp(pipe.unet) if ignore else 0)
+            DistributedDataParallel(pipe.unet, find_unused_parameters=False)
+            result[f"{ignore}_frozen"], result[f"{ignore}_lora"] = frozen.detach().clone(), params[0].detach().clone()
+        if rank == 1:
+            original, original_params = policy(folder)
+            result["frozen_original"] = original.unet.conv_in.weight.detach().clone()
+            result["lora_original"] = original_params[0].detach().clone()
+            result["frozen_elements"] = torch.tensor(sum(p.numel() for p in original.unet.parameters() if not p.requires_grad))
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_synchronises_the_lora_but_not_the_frozen_unet(tiny_sd_dir, tmp_path):
+    """The learner's wrapping broadcasts rank 0's LoRA to every rank, but no frozen weight (each rank
+    loads the same model; SD 1.5's is 1.7 GB in float16): rank 1 keeps its changed frozen weight. A
+    plain DDP wrapping, the control, overwrites it with rank 0's."""
+    out = str(tmp_path / "wrap.pt")
+    mp.start_processes(_rank_wrap, args=(2, _free_port(), tiny_sd_dir, out), nprocs=2, start_method="spawn")
+    result = torch.load(out, weights_only=True)
+    assert int(result["True_ignored_elements"]) == int(result["frozen_elements"]) > 0
+    torch.testing.assert_close(result["True_frozen"], result["frozen_original"] + 1.0, rtol=0, atol=0)
+    torch.testing.assert_close(result["True_lora"], result["lora_original"], rtol=0, atol=0)
+    torch.testing.assert_close(result["False_frozen"], result["frozen_original"], rtol=0, atol=0)
+    torch.testing.assert_close(result["False_lora"], result["lora_original"], rtol=0, atol=0)

@@ -119,7 +119,7 @@ def learner_loop(loop_config: dict) -> None:
     from dense_rl.loop import build_policy
     from dense_rl.roles import use_threads
     from dense_rl.run_dir import RunDir
-    from dense_rl.update import make_grad_scaler, make_optimizer, ppo_update
+    from dense_rl.update import ignore_frozen_in_ddp, make_grad_scaler, make_optimizer, ppo_update
 
     config: Config = loop_config["config"]
     context = ray.train.get_context()
@@ -149,8 +149,11 @@ def learner_loop(loop_config: dict) -> None:
     elif saved is not None:
         restore(run.child(saved))
 
-    trained = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \
-        if world_size > 1 else model
+    if world_size > 1:
+        ignore_frozen_in_ddp(model)
+        trained = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    else:
+        trained = model
     train_config = dataclasses.replace(config.train, batch_size=config.train.batch_size // world_size)
     inbox: Queue = loop_config["inboxes"][rank]
     outbox: Queue = loop_config["outbox"]
