@@ -94,6 +94,7 @@ def ppo_update(
     policy = StepPolicy(scheduler, eta=eta, noise_level=noise_level)
     policy.set_timesteps(num_steps, device)
     trained_steps = torch.tensor(list(trajectories.trained_steps))
+    policy.check_steps(trained_steps)  # once here; the steps below skip the check (it reads the device)
     steps_per_trajectory = max(1, math.ceil(len(trained_steps) * train.timestep_fraction))
     scaler = grad_scaler if grad_scaler is not None else make_grad_scaler(base_unet)
     common = dict(guidance_scale=guidance_scale, device=device, dtype=dtype)
@@ -111,10 +112,15 @@ def ppo_update(
         order = torch.randperm(num_trajectories, generator=generator)
         for start in range(0, num_trajectories, train.batch_size):
             rows = order[start : start + train.batch_size]
-            batch = trajectories.select(rows)
+            # Everything the batch's steps read goes to the device once: a copy from the host in
+            # the step loop would wait for the device at every step.
+            batch = trajectories.select(rows).to(device)
+            advantages, old = step_advantages[rows].to(device), old_log_probs[rows].to(device)
+            behaviour_of_batch = behaviour[rows].to(device) if off_policy else None
             # Each row trains on its own random subset of steps, with that step's own advantage.
-            step_order = torch.stack([trained_steps[torch.randperm(len(trained_steps), generator=generator)] for _ in rows])
-            row_index = torch.arange(len(rows))
+            step_order = torch.stack([trained_steps[torch.randperm(len(trained_steps), generator=generator)]
+                                      for _ in rows]).to(device)
+            row_index = torch.arange(len(rows), device=device)
 
             optimizer.zero_grad(set_to_none=True)
             for j in range(steps_per_trajectory):
@@ -124,9 +130,8 @@ def ppo_update(
                 with sync:
                     loss, info = _step_loss(
                         unet, base_unet, policy, batch, row_index, step, train,
-                        advantages=step_advantages[rows][row_index, step],
-                        old_log_probs=old_log_probs[rows][row_index, step],
-                        behaviour_log_probs=behaviour[rows][row_index, step] if off_policy else None, **common,
+                        advantages=advantages[row_index, step], old_log_probs=old[row_index, step],
+                        behaviour_log_probs=behaviour_of_batch[row_index, step] if off_policy else None, **common,
                     )
                     scaler.scale(loss / steps_per_trajectory).backward()
                 for key, value in info.items():
@@ -150,14 +155,16 @@ def ppo_update(
                      "grad_scale": scaler.get_scale() if scaler.is_enabled() else 1.0}
 
 
-def score_actions(unet, policy: StepPolicy, batch: Trajectories, row_index, step, *, guidance_scale, device, dtype):
+def score_actions(unet, policy: StepPolicy, batch: Trajectories, row_index, step, *, guidance_scale, device, dtype,
+                  validate: bool = True):
     """Log-prob [rows] of the stored action at step `step[i]` of row `row_index[i]` under the current
-    weights, and the guided model output it came from: the "score this action" call of PPO."""
+    weights, and the guided model output it came from: the "score this action" call of PPO.
+    `validate=False`: the steps were checked already (StepPolicy.check_steps)."""
     sample = batch.latents[row_index, step].to(device, dtype)
     prev_sample = batch.latents[row_index, step + 1].to(device, dtype)
     embeds, negative = batch.embeds(row_index, device, dtype)
     output = guided_model_output(unet, sample, policy.model_timesteps(step), embeds, negative, guidance_scale)
-    _, log_prob, _ = policy.step(output, step, sample, prev_sample=prev_sample)
+    _, log_prob, _ = policy.step(output, step, sample, prev_sample=prev_sample, validate=validate)
     return log_prob, output
 
 
@@ -167,38 +174,38 @@ def proximal_log_probs(unet, policy: StepPolicy, trajectories: Trajectories, *, 
     """[B, T] log-probs of every trained action under the current weights (decoupled PPO's proximal
     policy); 0 on untrained (ODE) steps, as the sampler stores them."""
     num_rows, num_steps = trajectories.log_probs.shape
-    result = torch.zeros(num_rows, num_steps)
+    result = torch.zeros(num_rows, num_steps, device=device)  # filled on the device, read back once
+    policy.check_steps(trajectories.trained_steps)
     for start in range(0, num_rows, batch_size):
-        rows = torch.arange(start, min(num_rows, start + batch_size))
+        batch = trajectories.select(slice(start, start + batch_size)).to(device)
+        rows = torch.arange(batch.batch_size, device=device)
         for k in trajectories.trained_steps:
-            log_prob, _ = score_actions(unet, policy, trajectories, rows, torch.full_like(rows, k),
-                                        guidance_scale=guidance_scale, device=device, dtype=dtype)
-            result[rows, k] = log_prob.float().cpu()
-    return result
+            log_prob, _ = score_actions(unet, policy, batch, rows, torch.full_like(rows, k), guidance_scale=guidance_scale,
+                                        device=device, dtype=dtype, validate=False)
+            result[start + rows, k] = log_prob.float()
+    return result.cpu()
 
 
 def _step_loss(unet, base_unet, policy: StepPolicy, batch, row_index, step, train, *, advantages, old_log_probs,
                behaviour_log_probs, guidance_scale, device, dtype) -> tuple[torch.Tensor, dict]:
     """The loss of one denoising step for every row of `batch`, and its statistics (device tensors)."""
     log_prob, output = score_actions(unet, policy, batch, row_index, step,
-                                     guidance_scale=guidance_scale, device=device, dtype=dtype)
-    loss, info = ppo_clip_loss(
-        log_prob, old_log_probs.to(device), advantages.to(device), train.clip_range, train.adv_clip_max,
-        behaviour_log_probs=None if behaviour_log_probs is None else behaviour_log_probs.to(device),
-    )
+                                     guidance_scale=guidance_scale, device=device, dtype=dtype, validate=False)
+    loss, info = ppo_clip_loss(log_prob, old_log_probs, advantages, train.clip_range, train.adv_clip_max,
+                               behaviour_log_probs=behaviour_log_probs)
     info = {"policy_loss": loss.detach(), **info}
     if train.kl_beta > 0:
         sample = batch.latents[row_index, step].to(device, dtype)
         timesteps = policy.model_timesteps(step)
         embeds, negative = batch.embeds(row_index, device, dtype)
-        mean, std, _ = policy.distribution(output, step, sample)
+        mean, std, _ = policy.distribution(output, step, sample, validate=False)
         with torch.no_grad():
             base_unet.disable_adapters()
             try:
                 reference_output = guided_model_output(base_unet, sample, timesteps, embeds, negative, guidance_scale)
             finally:
                 base_unet.enable_adapters()
-            reference_mean, _, _ = policy.distribution(reference_output, step, sample)
+            reference_mean, _, _ = policy.distribution(reference_output, step, sample, validate=False)
         kl = gaussian_kl(mean, reference_mean, std).mean()
         loss = loss + train.kl_beta * kl
         info["kl_to_reference"] = kl.detach()

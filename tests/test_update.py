@@ -265,3 +265,36 @@ def test_ddp_synchronises_the_lora_but_not_the_frozen_unet(tiny_sd_dir, tmp_path
     torch.testing.assert_close(result["True_lora"], result["lora_original"], rtol=0, atol=0)
     torch.testing.assert_close(result["False_frozen"], result["frozen_original"], rtol=0, atol=0)
     torch.testing.assert_close(result["False_lora"], result["lora_original"], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- host reads
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that read a tensor's value on the host (each one waits for a GPU)."""
+
+    READS = {"__bool__", "item", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_sampling_and_the_update_read_nothing_back_per_step(tiny_sd_dir):
+    """Sampling and PPO read device values on the host a fixed number of times, however many
+    denoising steps they take: twice the steps, the same reads (the step checks run once, and the
+    stored log-probs and the training batch cross between host and device once)."""
+    reads = {}
+    for steps in (4, 8):
+        pipe, params = policy(tiny_sd_dir)
+        with HostReads() as sampling:
+            trajectories = sample_trajectories(pipe, PROMPTS, num_steps=steps, guidance_scale=3.0, eta=1.0,
+                                               generator=torch.Generator().manual_seed(0))
+        with HostReads() as updating:
+            update(pipe, params, trajectories, torch.randn(len(PROMPTS), steps), guidance_scale=3.0)
+        reads[steps] = (sampling.count, updating.count)
+    assert reads[4] == reads[8], reads

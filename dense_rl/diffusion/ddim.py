@@ -100,16 +100,20 @@ def ddim_step_with_logprob(
     eta: float,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    *,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Take (or score) one DDIM step; returns (prev_sample, log_prob [B], pred_original_sample).
 
     With `prev_sample` given no noise is drawn and the log-prob of that step is returned (the PPO
     path). `eta` must be > 0: with eta = 0 the step is deterministic and has no density.
+    `validate=False` skips the check that every row's step has a variance, which reads a device
+    value on the host: a loop over steps checks its schedule once instead (StepPolicy.check_steps).
     """
     if not eta > 0:
         raise ValueError(f"eta must be > 0 for a log-prob (got {eta}); eta = 0 is deterministic DDIM")
     mean, std, pred_x0 = ddim_step_distribution(scheduler, model_output, timestep, sample, eta)
-    if not bool((std > 0).all()):
+    if validate and not bool((std > 0).all()):
         # alpha_prev == alpha_t: the step is deterministic, so its log-density is +-inf / NaN.
         raise ValueError(
             "this DDIM step has zero variance (its timestep is 0, or set_alpha_to_one=True makes the last "

@@ -28,7 +28,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from dense_rl.diffusion.ddim import _per_row, sample_and_score
 
 
-def _step_indices_per_row(step_index, sample: torch.Tensor, num_steps: int) -> torch.Tensor:
+def _step_indices_per_row(step_index, sample: torch.Tensor, num_steps: int, validate: bool) -> torch.Tensor:
     k = torch.as_tensor(step_index, device=sample.device)
     if k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
         # A float is most likely a timestep (Flow-GRPO's API), which would silently index the wrong sigma.
@@ -40,7 +40,7 @@ def _step_indices_per_row(step_index, sample: torch.Tensor, num_steps: int) -> t
             f"step_index must be an int, a 0-d tensor or one per batch row ({sample.shape[0]}), "
             f"got shape {tuple(k.shape)}"
         )
-    if bool(((k < 0) | (k >= num_steps)).any()):
+    if validate and bool(((k < 0) | (k >= num_steps)).any()):
         raise ValueError(f"step_index must be in [0, {num_steps}), got {k.tolist()}")
     return k.long()
 
@@ -51,8 +51,12 @@ def flow_step_distribution(
     step_index,
     sample: torch.Tensor,
     noise_level: float,
+    *,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The SDE step's Gaussian: returns (mean float32, std [B,1,..] float32, predicted x0 in the sample's dtype).
+    `validate=False` skips the checks of the step indices and the schedule (host reads of device
+    values), as in ddim_step_with_logprob.
 
     As in ddim.py the arithmetic runs in float32 whatever the model's dtype, so sampling and PPO's
     rescoring compute the same mean, and bf16/fp16 rounding does not move the late, tiny-dt steps.
@@ -66,13 +70,13 @@ def flow_step_distribution(
     if not noise_level >= 0:
         raise ValueError(f"noise_level must be >= 0, got {noise_level}")
     sigmas = scheduler.sigmas.to(device=sample.device, dtype=torch.float32)
-    k = _step_indices_per_row(step_index, sample, len(sigmas) - 1)
+    k = _step_indices_per_row(step_index, sample, len(sigmas) - 1, validate)
     dtype = sample.dtype
     x, v = sample.float(), model_output.float()
 
     sigma, sigma_next = sigmas[k], sigmas[k + 1]
     dt = sigma_next - sigma
-    if bool((dt >= 0).any()):
+    if validate and bool((dt >= 0).any()):
         raise ValueError("sigmas must decrease along sampling (invert_sigmas is not supported)")
     # sigma == 1: 1 - sigma is 0, so Flow-GRPO divides by 1 - sigmas[1] instead (finite noise on step 0).
     denom = 1 - torch.where(sigma == 1, sigmas[1], sigma)
@@ -93,19 +97,22 @@ def flow_step_with_logprob(
     noise_level: float,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    *,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Take (or score) one SDE step; returns (prev_sample in the sample's dtype, log_prob [B] float32, pred_x0).
 
     With `prev_sample` given no noise is drawn and the log-prob of that step is returned (the PPO
     path). `noise_level` must be > 0 (Flow-GRPO uses 0.7): at 0 the step is the deterministic Euler
-    step and has no density.
+    step and has no density. `validate=False` skips the checks that read device values on the host.
     """
     if not noise_level > 0:
         raise ValueError(
             f"noise_level must be > 0 for a log-prob (got {noise_level}); 0 is the deterministic Euler step"
         )
-    mean, std, pred_x0 = flow_step_distribution(scheduler, model_output, step_index, sample, noise_level)
-    if not bool((std > 0).all()):
+    mean, std, pred_x0 = flow_step_distribution(scheduler, model_output, step_index, sample, noise_level,
+                                                validate=validate)
+    if validate and not bool((std > 0).all()):
         raise ValueError("this flow step has zero std (sigma is 0 before the last step), so it has no log-prob")
 
     prev_sample, log_prob = sample_and_score(mean, std, sample, prev_sample, generator)

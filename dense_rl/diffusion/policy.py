@@ -38,7 +38,22 @@ class StepPolicy:
     def set_timesteps(self, num_steps: int, device) -> torch.Tensor:
         """Set the schedule for `num_steps` steps; returns the model timesteps [T]."""
         self.scheduler.set_timesteps(num_steps, device=device)
+        if not self.is_flow:
+            # DDIM's step reads these at every call: keep them where the samples are, so that no step
+            # copies them from the host (a copy that waits for the device). The flow scheduler's
+            # sigmas are already there.
+            self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
+            self.scheduler.final_alpha_cumprod = torch.as_tensor(self.scheduler.final_alpha_cumprod, device=device)
         return self.scheduler.timesteps
+
+    def check_steps(self, step_indices) -> None:
+        """Raise what `step` would raise for any of these steps (a step without variance, an index
+        out of range), reading the device once: a loop that calls `step(..., validate=False)` checks
+        its steps here first."""
+        device = self.scheduler.timesteps.device
+        steps = torch.as_tensor(list(step_indices), device=device)
+        zeros = torch.zeros(len(steps), 1, device=device)
+        self.step(zeros, steps, zeros, prev_sample=zeros)
 
     def model_timesteps(self, step_index) -> torch.Tensor:
         """What the denoiser is conditioned on at steps `step_index` (an int or one per row): DDIM's
@@ -46,26 +61,28 @@ class StepPolicy:
         timesteps = self.scheduler.timesteps
         return timesteps[torch.as_tensor(step_index, device=timesteps.device)]
 
-    def distribution(self, model_output, step_index, sample, *, stochastic: bool = True):
+    def distribution(self, model_output, step_index, sample, *, stochastic: bool = True, validate: bool = True):
         """(mean, std, x0) of the step from `sample`; with stochastic=False the std is 0 and the
         mean is the ODE step."""
         if self.is_flow:
             noise_level = self.noise_level if stochastic else 0.0
-            return flow_step_distribution(self.scheduler, model_output, step_index, sample, noise_level)
+            return flow_step_distribution(self.scheduler, model_output, step_index, sample, noise_level,
+                                          validate=validate)
         eta = self.eta if stochastic else 0.0
         return ddim_step_distribution(self.scheduler, model_output, self.model_timesteps(step_index), sample, eta)
 
-    def step(self, model_output, step_index, sample, prev_sample=None, generator=None):
-        """Take (or, with `prev_sample`, score) a stochastic step: (prev_sample, log_prob [B], x0)."""
+    def step(self, model_output, step_index, sample, prev_sample=None, generator=None, *, validate: bool = True):
+        """Take (or, with `prev_sample`, score) a stochastic step: (prev_sample, log_prob [B], x0).
+        `validate=False` skips the checks that read device values on the host (see check_steps)."""
         if self.is_flow:
             return flow_step_with_logprob(self.scheduler, model_output, step_index, sample, self.noise_level,
-                                          prev_sample=prev_sample, generator=generator)
+                                          prev_sample=prev_sample, generator=generator, validate=validate)
         return ddim_step_with_logprob(self.scheduler, model_output, self.model_timesteps(step_index), sample,
-                                      self.eta, prev_sample=prev_sample, generator=generator)
+                                      self.eta, prev_sample=prev_sample, generator=generator, validate=validate)
 
-    def ode_step(self, model_output, step_index, sample) -> tuple[torch.Tensor, torch.Tensor]:
+    def ode_step(self, model_output, step_index, sample, *, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The deterministic step: (prev_sample in the sample's dtype, x0)."""
-        mean, _, pred_x0 = self.distribution(model_output, step_index, sample, stochastic=False)
+        mean, _, pred_x0 = self.distribution(model_output, step_index, sample, stochastic=False, validate=validate)
         return mean.to(sample.dtype), pred_x0
 
 

@@ -65,16 +65,18 @@ def sample_trajectories(
     all_samples, all_log_probs, all_x0 = [sample], [], []
     negative_rows = None if negative is None else PromptEmbeds(
         negative.embeds.expand(batch_size, -1, -1), None if negative.pooled is None else negative.pooled.expand(batch_size, -1))
+    # Checked once: the loop reads nothing back from the device (on a GPU each read would wait for it).
+    policy.check_steps(stochastic)
     for k in tqdm(range(num_steps), desc="denoising", disable=not show_progress, leave=False):
-        step_index = torch.full((batch_size,), k, dtype=torch.long)
+        step_index = torch.full((batch_size,), k, dtype=torch.long, device=device)
         output = guided_model_output(model, sample, timesteps[k].expand(batch_size), embeds, negative_rows, guidance_scale)
         if k in stochastic:
-            sample, log_prob, x0_pred = policy.step(output, step_index, sample, generator=generator)
+            sample, log_prob, x0_pred = policy.step(output, step_index, sample, generator=generator, validate=False)
         else:
-            sample, x0_pred = policy.ode_step(output, step_index, sample)
-            log_prob = torch.zeros(batch_size)
+            sample, x0_pred = policy.ode_step(output, step_index, sample, validate=False)  # k < num_steps
+            log_prob = torch.zeros(batch_size, device=device)
         all_samples.append(sample)
-        all_log_probs.append(log_prob.float().cpu())
+        all_log_probs.append(log_prob.float())
         all_x0.append(x0_pred)
 
     x0_preds = torch.stack(all_x0, dim=1)  # [B, T, ...]: reduced here to what credit reads
@@ -89,7 +91,7 @@ def sample_trajectories(
         negative_prompt_embeds=None if negative is None else negative.embeds.cpu(),
         timesteps=timesteps.cpu(),
         latents=torch.stack(all_samples, dim=1).cpu(),
-        log_probs=torch.stack(all_log_probs, dim=1),
+        log_probs=torch.stack(all_log_probs, dim=1).cpu(),
         cosines=cosine_to_final(x0_preds, sample).cpu(),
         images=decode_to_images(pipe, sample),
         policy_version=policy_version,

@@ -129,6 +129,12 @@ class Trajectories:
         pooled = self.negative_pooled_prompt_embeds
         return positive, PromptEmbeds(negative, None if pooled is None else pooled.to(device, dtype).expand(count, -1))
 
+    def to(self, device) -> "Trajectories":
+        """Every tensor on `device` (dtypes kept): the learner moves each training batch once."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Trajectories(**{name: value.to(device) if isinstance(value, torch.Tensor) else value
+                               for name, value in values.items()})
+
     def select(self, rows) -> "Trajectories":
         """The trajectories at `rows` (a list, slice or index tensor)."""
         rows = torch.as_tensor(rows) if not isinstance(rows, slice) else rows
