@@ -51,7 +51,9 @@ class StepPolicy:
         out of range), reading the device once: a loop that calls `step(..., validate=False)` checks
         its steps here first."""
         device = self.scheduler.timesteps.device
-        steps = torch.as_tensor(list(step_indices), device=device)
+        steps = torch.tensor(list(step_indices), dtype=torch.long, device=device)
+        if len(steps) == 0:
+            return
         zeros = torch.zeros(len(steps), 1, device=device)
         self.step(zeros, steps, zeros, prev_sample=zeros)
 
