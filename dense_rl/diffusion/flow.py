@@ -55,11 +55,11 @@ def flow_step_distribution(
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The SDE step's Gaussian: returns (mean float32, std [B,1,..] float32, predicted x0 in the sample's dtype).
-    `validate=False` skips the checks of the step indices and the schedule (host reads of device
-    values), as in ddim_step_with_logprob.
 
     As in ddim.py the arithmetic runs in float32 whatever the model's dtype, so sampling and PPO's
     rescoring compute the same mean, and bf16/fp16 rounding does not move the late, tiny-dt steps.
+    `validate=False` skips the checks of the step indices and the schedule, which read device values
+    on the host (a loop over steps checks them once: StepPolicy.check_steps).
     """
     if getattr(scheduler, "num_inference_steps", None) is None:
         raise ValueError("scheduler has no timesteps: call scheduler.set_timesteps(num_steps) first")
