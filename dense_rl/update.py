@@ -172,10 +172,10 @@ def score_actions(unet, policy: StepPolicy, batch: Trajectories, row_index, step
 def proximal_log_probs(unet, policy: StepPolicy, trajectories: Trajectories, *, batch_size: int, guidance_scale,
                        device, dtype) -> torch.Tensor:
     """[B, T] log-probs of every trained action under the current weights (decoupled PPO's proximal
-    policy); 0 on untrained (ODE) steps, as the sampler stores them."""
+    policy); 0 on untrained (ODE) steps, as the sampler stores them. The caller has checked the steps
+    (StepPolicy.check_steps), as ppo_update does."""
     num_rows, num_steps = trajectories.log_probs.shape
     result = torch.zeros(num_rows, num_steps, device=device)  # filled on the device, read back once
-    policy.check_steps(trajectories.trained_steps)
     for start in range(0, num_rows, batch_size):
         batch = trajectories.select(slice(start, start + batch_size)).to(device)
         rows = torch.arange(batch.batch_size, device=device)
