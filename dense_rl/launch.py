@@ -166,7 +166,7 @@ def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verb
 
     from dense_rl.checkpoint import load_resume_point
     from dense_rl.driver import Driver
-    from dense_rl.layout import describe_layout, placed
+    from dense_rl.layout import async_sharing_note, describe_layout, placed
     from dense_rl.registry import RunTracker
     from dense_rl.run_dir import RunDir
     from dense_rl.run_record import RunRecorder
@@ -183,6 +183,9 @@ def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verb
         cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
         config = placed(config, cluster_cpus)
         log.info(describe_layout(config.cluster, cluster_cpus))
+        note = async_sharing_note(config.cluster, cluster_cpus)
+        if note:
+            log.warning(note)
         wait_for_resources(config)  # before anything is written: a run that cannot be placed leaves no trace
         if checkpoint is not None:
             log.info("resuming %s from %s (epoch %d)", run.uri, checkpoint, state.epoch)

@@ -74,6 +74,22 @@ def describe_layout(cluster: ClusterConfig, cluster_cpus: float) -> str:
             "(set cluster.* to choose)")
 
 
+def async_sharing_note(cluster: ClusterConfig, cluster_cpus: float) -> str | None:
+    """A warning for async mode on CPUs that sampling and the update must share, else None. There async
+    does more work than sync (the learner first rescores every step under its own weights, about a
+    third of the update) and has little idle time to overlap: 0.77x sync on 2 shared cores, 1.02x with
+    a core per role (docs/benchmarks.md, "Async with a core per role")."""
+    if cluster.max_policy_lag < 1 or cluster.rollout_gpus > 0 or cluster.learner_gpus > 0:
+        return None
+    threads = (cluster.num_rollout_workers * cluster.threads("rollout")
+               + cluster.num_learner_workers * cluster.threads("learner"))
+    if threads <= cluster_cpus:
+        return None
+    return (f"cluster.max_policy_lag=1: {threads} rollout and learner threads share {cluster_cpus:g} CPUs, where async "
+            "measured about 0.8x sync's rate (its learner rescores each batch first, and sampling has no free core "
+            "to overlap); async pays when rollouts and learners have cores or GPUs of their own")
+
+
 def placed(config: Config, cluster_cpus: float) -> Config:
     """`config` with its cluster section fitted (dense_rl.config.validate checks the result again)."""
     from dense_rl.config import validate

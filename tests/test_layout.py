@@ -3,7 +3,7 @@
 import pytest
 
 from dense_rl.config import load_config
-from dense_rl.layout import PINNED_DEFAULTS, fit_layout, largest_divisor_at_most, placed
+from dense_rl.layout import PINNED_DEFAULTS, async_sharing_note, fit_layout, largest_divisor_at_most, placed
 
 
 def layout(cpus, *overrides):
@@ -25,6 +25,18 @@ def test_async_shares_the_cores_between_sampling_and_the_update_as_sync_does():
         assert (lagged.num_rollout_workers, lagged.num_learner_workers) == (sync.num_rollout_workers, sync.num_learner_workers)
         assert lagged.threads("rollout") == lagged.threads("learner") == 1 and cpus <= cores
     assert (lagged.num_rollout_workers, lagged.num_learner_workers) == (2, 8)  # 2 batches an epoch; batch 8 on 8 cores
+
+
+def test_async_on_cores_that_sampling_and_the_update_share_is_flagged():
+    """Measured: async 0.77x sync on 2 shared cores, 1.02x with a core each for rollout and learner."""
+    shared, _ = layout(2, "cluster.max_policy_lag=1")
+    note = async_sharing_note(shared, 2)
+    assert note.startswith("cluster.max_policy_lag=1: 4 rollout and learner threads share 2 CPUs") and "\n" not in note
+    own_cores, _ = layout(2, "cluster.max_policy_lag=1", "cluster.num_rollout_workers=1", "cluster.num_learner_workers=1")
+    assert async_sharing_note(own_cores, 2) is None
+    assert async_sharing_note(layout(2)[0], 2) is None  # sync: the stages take turns
+    gpus = load_config("configs/sd15-jpeg.yaml", ["cluster.max_policy_lag=1"]).cluster
+    assert gpus.learner_gpus > 0 and async_sharing_note(gpus, 2) is None
 
 
 def test_a_bigger_machine_gets_more_processes_not_threads():
