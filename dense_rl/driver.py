@@ -141,6 +141,15 @@ class Driver:
                 scored[i] = self.score([batches[i]])[0]
         return scored
 
+    def rescore(self, epoch: int, batches: list[RolloutBatch], scored: list[ScoredBatch]) -> list | None:
+        """Async mode: the learner (at version `epoch`) needs each stale batch's log-probs under its own
+        weights. The rollout actors hold those weights already and are idle until the next epoch is
+        sampled, so each computes its batch's, queued before that sampling, while the learner trains its
+        first minibatch (dense_rl/update.py). None when every batch is on-policy."""
+        if all(batch.policy_version >= epoch for batch in scored):
+            return None
+        return [self.rollout_workers[batch.worker].rescore.remote(batch.ref, epoch) for batch in batches]
+
     # ------------------------------------------------------------------ the loop
 
     def run(self, show_progress: bool = True, on_epoch=None) -> list[dict]:
@@ -160,7 +169,8 @@ class Driver:
                 sampled_and_scored = time.perf_counter()
                 scored = self.refresh_stale(epoch, batches, scored)
                 step_advantages, rows, advantage_info = self.advantages(epoch, scored)
-                self.learner.submit(epoch, [batch.ref for batch in batches], step_advantages, rows)
+                self.learner.submit(epoch, [batch.ref for batch in batches], step_advantages, rows,
+                                    proximal_refs=self.rescore(epoch, batches, scored))
                 self.prometheus.submitted(len(batches))
                 pending = None
                 if asynchronous and epoch + 1 < config.run.num_epochs:

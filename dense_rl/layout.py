@@ -76,9 +76,9 @@ def describe_layout(cluster: ClusterConfig, cluster_cpus: float) -> str:
 
 def async_sharing_note(cluster: ClusterConfig, cluster_cpus: float) -> str | None:
     """A warning for async mode on CPUs that sampling and the update must share, else None. There async
-    does more work than sync (the learner first rescores every step under its own weights, about a
-    third of the update) and has little idle time to overlap: 0.77x sync on 2 shared cores, 1.02x with
-    a core per role (docs/benchmarks.md, "Async with a core per role")."""
+    does more work than sync (each stale batch is rescored under the learner's weights, about a third
+    of an update) and has little idle time to overlap: 0.79x sync on 2 shared cores, 1.09-1.12x with a
+    core each for the rollout and the learner (docs/benchmarks.md, "Async with a core per role")."""
     if cluster.max_policy_lag < 1 or cluster.rollout_gpus > 0 or cluster.learner_gpus > 0:
         return None
     threads = (cluster.num_rollout_workers * cluster.threads("rollout")
@@ -86,8 +86,8 @@ def async_sharing_note(cluster: ClusterConfig, cluster_cpus: float) -> str | Non
     if threads <= cluster_cpus:
         return None
     return (f"cluster.max_policy_lag=1: {threads} rollout and learner threads share {cluster_cpus:g} CPUs, where async "
-            "measured about 0.8x sync's rate (its learner rescores each batch first, and sampling has no free core "
-            "to overlap); async pays when rollouts and learners have cores or GPUs of their own")
+            "measured about 0.8x sync's rate (each stale batch is rescored, on the same cores, and sampling has no "
+            "free core to overlap); async pays when rollouts and learners have cores or GPUs of their own")
 
 
 def placed(config: Config, cluster_cpus: float) -> Config:

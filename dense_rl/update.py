@@ -9,17 +9,21 @@ Two paths a GPU user takes need more than float32 on-policy PPO (docs/algorithm.
   float16's subnormal range, so a float16 UNet trains through a GradScaler: the loss is scaled up
   before backward, the LoRA gradients unscaled before clipping, and a step whose gradients overflowed
   is skipped while the scale shrinks. bfloat16 has float32's exponent range and needs no scaling.
-- **Off-policy batches** (async mode: sampled by version e, trained by a learner at e + 1). The
-  learner first rescores every stored action under its own weights (no gradient): those proximal
-  log-probs are what the PPO ratio is clipped around, and the sampler's log-probs only enter through
-  the importance weight (decoupled PPO, dense_rl.ppo.ppo_clip_loss). It costs one gradient-free
-  forward pass per trained step, about a third of the update, and only off-policy.
+- **Off-policy batches** (async mode: sampled by version e, trained by a learner at e + 1). Every
+  stored action is rescored under the learner's weights at the start of the update (no gradient):
+  those proximal log-probs are what the PPO ratio is clipped around, and the sampler's log-probs only
+  enter through the importance weight (decoupled PPO, dense_rl.ppo.ppo_clip_loss). That is one
+  gradient-free forward per trained step, about a third of the update. The first minibatch needs none
+  (its own forward runs on those weights); the rest come from `fetch_proximal` (in the Ray system the
+  rollout actors compute them while the first minibatch trains, RolloutWorker.rescore), else from a
+  pass here before the first optimizer step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -72,6 +76,7 @@ def ppo_update(
     noise_level: float = 0.7,
     learner_version: int | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
+    fetch_proximal: Callable[[], torch.Tensor | None] | None = None,
 ) -> dict[str, float]:
     """PPO-clip over `train.num_inner_epochs` passes; one optimizer step per `train.batch_size` trajectories.
 
@@ -81,6 +86,11 @@ def ppo_update(
     `timestep_fraction` of its steps, and each step keeps its own advantage. A batch sampled by a
     policy older than `learner_version` is trained with the decoupled (proximal) correction. Only
     the steps in the trajectories' `sde_window` are trained.
+
+    The proximal log-probs are those of the weights at the start of the update. The first minibatch's
+    own forward has exactly those weights, so it needs no separate pass; the rest are taken from
+    `fetch_proximal()` ([B, T], computed elsewhere on the same weights, e.g. by the rollout actors)
+    when it gives them, else computed here, before the first optimizer step changes the weights.
     """
     num_trajectories, num_steps = step_advantages.shape
     if num_trajectories != trajectories.batch_size or num_steps != trajectories.num_steps:
@@ -101,9 +111,9 @@ def ppo_update(
 
     behaviour = trajectories.log_probs
     old_log_probs, off_policy = behaviour, learner_version is not None and trajectories.policy_version < learner_version
-    if off_policy:
-        unet.eval()
-        old_log_probs = proximal_log_probs(base_unet, policy, trajectories, batch_size=train.batch_size, **common)
+    proximal_pending = off_policy  # until the first optimizer step: that minibatch's own forward is the proximal
+    proximal_from_rollouts = False
+    num_minibatches = math.ceil(num_trajectories / train.batch_size) * train.num_inner_epochs
 
     sums: dict[str, torch.Tensor] = {}
     num_updates = skipped = 0
@@ -115,7 +125,8 @@ def ppo_update(
             # Everything the batch's steps read goes to the device once: a copy from the host in
             # the step loop would wait for the device at every step.
             batch = trajectories.select(rows).to(device)
-            advantages, old = step_advantages[rows].to(device), old_log_probs[rows].to(device)
+            advantages = step_advantages[rows].to(device)
+            old = None if proximal_pending else old_log_probs[rows].to(device)
             behaviour_of_batch = behaviour[rows].to(device) if off_policy else None
             # Each row trains on its own random subset of steps, with that step's own advantage.
             step_order = torch.stack([trained_steps[torch.randperm(len(trained_steps), generator=generator)]
@@ -130,12 +141,24 @@ def ppo_update(
                 with sync:
                     loss, info = _step_loss(
                         unet, base_unet, policy, batch, row_index, step, train,
-                        advantages=advantages[row_index, step], old_log_probs=old[row_index, step],
+                        advantages=advantages[row_index, step], old_log_probs=None if old is None else old[row_index, step],
                         behaviour_log_probs=behaviour_of_batch[row_index, step] if off_policy else None, **common,
                     )
                     scaler.scale(loss / steps_per_trajectory).backward()
                 for key, value in info.items():
                     sums[key] = sums.get(key, 0.0) + value / steps_per_trajectory
+            if proximal_pending and num_updates + 1 < num_minibatches:
+                # The weights are still the proximal policy's: the other minibatches' log-probs, now.
+                old_log_probs = fetch_proximal() if fetch_proximal is not None else None
+                proximal_from_rollouts = old_log_probs is not None
+                if old_log_probs is None:
+                    unet.eval()
+                    old_log_probs = proximal_log_probs(base_unet, policy, trajectories, batch_size=train.batch_size, **common)
+                    unet.train()
+                elif old_log_probs.shape != behaviour.shape:
+                    raise ValueError(f"fetch_proximal gave {tuple(old_log_probs.shape)} log-probs for a "
+                                     f"{tuple(behaviour.shape)} batch")
+            proximal_pending = False
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             scale = scaler.get_scale() if scaler.is_enabled() else 1.0
@@ -152,6 +175,7 @@ def ppo_update(
     result = {key: float(value) / num_updates for key, value in sums.items()}
     return result | {"optimizer_steps": num_updates, "skipped_steps": skipped, "off_policy": float(off_policy),
                      "first_step_clipfrac": float(first_clipfrac),
+                     "proximal_from_rollouts": float(proximal_from_rollouts),
                      "grad_scale": scaler.get_scale() if scaler.is_enabled() else 1.0}
 
 
@@ -188,9 +212,12 @@ def proximal_log_probs(unet, policy: StepPolicy, trajectories: Trajectories, *, 
 
 def _step_loss(unet, base_unet, policy: StepPolicy, batch, row_index, step, train, *, advantages, old_log_probs,
                behaviour_log_probs, guidance_scale, device, dtype) -> tuple[torch.Tensor, dict]:
-    """The loss of one denoising step for every row of `batch`, and its statistics (device tensors)."""
+    """The loss of one denoising step for every row of `batch`, and its statistics (device tensors).
+    `old_log_probs=None`: the current weights are the proximal policy (the update's first minibatch)."""
     log_prob, output = score_actions(unet, policy, batch, row_index, step,
                                      guidance_scale=guidance_scale, device=device, dtype=dtype, validate=False)
+    if old_log_probs is None:
+        old_log_probs = log_prob.detach()
     loss, info = ppo_clip_loss(log_prob, old_log_probs, advantages, train.clip_range, train.adv_clip_max,
                                behaviour_log_probs=behaviour_log_probs)
     info = {"policy_loss": loss.detach(), **info}

@@ -115,6 +115,10 @@ def test_async_mode_trains_on_samples_at_most_one_version_old(tmp_path):
     versions = [{row["policy_version"] for row in run.read_table(f"samples/epoch-{e:04d}.parquet")} for e in range(3)]
     # Epoch k + 1 is sampled while the learner makes version k + 1, so with weights of version k.
     assert versions == [{0}, {0}, {1}]
+    # Those stale batches were rescored under the learner's weights by the rollout actors, not the learner.
+    metrics = run.read_table("metrics.parquet")
+    assert [row["learner_off_policy"] for row in metrics] == [0.0, 1.0, 1.0]
+    assert [row["learner_proximal_from_rollouts"] for row in metrics] == [0.0, 1.0, 1.0]
 
 
 def test_set_weights_does_not_wait_behind_queued_generates(tmp_path):
@@ -140,6 +144,43 @@ def test_set_weights_does_not_wait_behind_queued_generates(tmp_path):
         assert version == 5 and all(torch.equal(held[key], new_state[key]) for key in new_state)
     finally:
         ray.kill(worker)
+
+
+def test_rescore_gives_the_learners_proximal_log_probs_for_its_version_only(tmp_path):
+    """RolloutWorker.rescore: a batch sampled by version 0, rescored once the worker holds version 1, equals
+    what the learner's own pass computes with those weights; asked for another version, it has nothing."""
+    import ray
+
+    from dense_rl.diffusion.pipeline import denoiser
+    from dense_rl.diffusion.policy import StepPolicy
+    from dense_rl.lora import load_lora_state_dict
+    from dense_rl.loop import build_policy
+    from dense_rl.roles.rollout import RolloutWorker
+    from dense_rl.update import proximal_log_probs
+
+    config = small_config(tmp_path)
+    worker = RolloutWorker.options(num_cpus=1).remote(config, 1)
+    try:
+        batch_ref = worker.generate.remote(["a red digit seven"] * 8, 0)[0]
+        _, state = ray.get(worker.weights.remote())
+        moved = {key: value + 0.01 * torch.randn(value.shape, generator=torch.Generator().manual_seed(1))
+                 for key, value in state.items()}
+        ray.get(worker.set_weights.remote(1, [ray.put(moved)]))
+        rescored = ray.get(worker.rescore.remote(batch_ref, 1))
+        assert ray.get(worker.rescore.remote(batch_ref, 2)) is None
+    finally:
+        ray.kill(worker)
+    batch = ray.get(batch_ref)
+    pipe, _ = build_policy(config)
+    load_lora_state_dict(denoiser(pipe), moved)
+    step_policy = StepPolicy(pipe.scheduler, eta=config.sample.eta)
+    step_policy.set_timesteps(batch.num_steps, "cpu")
+    expected = proximal_log_probs(denoiser(pipe), step_policy, batch, batch_size=config.train.batch_size,
+                                  guidance_scale=config.sample.guidance_scale, device=torch.device("cpu"),
+                                  dtype=torch.float32)
+    assert batch.policy_version == 0 and rescored.shape == batch.log_probs.shape
+    torch.testing.assert_close(rescored, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(rescored, batch.log_probs, atol=1e-4)  # the weights did move
 
 
 def test_reward_gain_credit_through_ray(tmp_path):

@@ -165,6 +165,63 @@ def test_a_stale_batch_is_clipped_around_the_learners_own_policy(tiny_sd_dir):
     assert torch.nn.functional.cosine_similarity(grads[0], naive_grads[0], dim=0) < 0.999
 
 
+class SteppingRecorder(torch.optim.SGD):
+    """Plain SGD that also keeps the gradient of every step: the weights move between minibatches."""
+
+    def __init__(self, params, lr=0.5):
+        super().__init__(params, lr=lr)
+        self.grads: list[torch.Tensor] = []
+
+    def step(self, closure=None):
+        self.grads.append(torch.cat([p.grad.flatten().clone() for p in self.param_groups[0]["params"]]))
+        return super().step(closure)
+
+
+def test_a_stale_batch_in_two_minibatches_takes_its_proximal_log_probs_from_the_update_start(tiny_sd_dir):
+    """The proximal policy is the learner's weights when the update starts. The first minibatch is its
+    own proximal; the second minibatch's log-probs come from fetch_proximal (the rollouts, in the Ray
+    system) or, without it, from a pass before the first optimizer step. Both give the update that
+    precomputed proximal log-probs give, and fetched values are really used."""
+    from dense_rl.diffusion.policy import StepPolicy
+    from dense_rl.update import proximal_log_probs
+
+    sampler, _ = policy(tiny_sd_dir, seed=0)
+    stale = sample(sampler)
+    advantages = torch.randn(len(PROMPTS), STEPS, generator=torch.Generator().manual_seed(4))
+    train = dataclasses.replace(TRAIN, batch_size=2, clip_range=1e-2)  # two minibatches, two optimizer steps
+
+    def run(**kwargs):
+        learner, params = policy(tiny_sd_dir, seed=0)
+        with torch.no_grad():  # the learner has moved on since the batch was sampled
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+        fetched = kwargs.pop("fetched", None)
+        if fetched == "exact":
+            step_policy = StepPolicy(learner.scheduler, eta=1.0)
+            step_policy.set_timesteps(STEPS, "cpu")
+            fetched = proximal_log_probs(learner.unet, step_policy, stale, batch_size=4, guidance_scale=1.0,
+                                         device=torch.device("cpu"), dtype=torch.float32)
+        optimizer = SteppingRecorder(params)
+        info = ppo_update(learner.unet, learner.scheduler, optimizer, params, stale, advantages, train, eta=1.0,
+                          guidance_scale=1.0, generator=torch.Generator().manual_seed(0), learner_version=1,
+                          fetch_proximal=None if fetched is None else (lambda: fetched))
+        return optimizer.grads, info
+
+    local_grads, local = run()
+    fetched_grads, fetched = run(fetched="exact")
+    assert local["proximal_from_rollouts"] == 0.0 and fetched["proximal_from_rollouts"] == 1.0
+    assert len(local_grads) == len(fetched_grads) == 2
+    for a, b in zip(local_grads, fetched_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+    # Log-probs from the moved weights (or anything else) change the second step, not the first.
+    wrong_grads, _ = run(fetched=stale.log_probs + 0.01)
+    torch.testing.assert_close(wrong_grads[0], local_grads[0])
+    assert not torch.allclose(wrong_grads[1], local_grads[1], rtol=1e-3)
+    # A fetch that has nothing (a rollout on other weights, or gone) falls back to the learner's pass.
+    _, none = run(fetched=None)
+    assert none["proximal_from_rollouts"] == 0.0 and none["off_policy"] == 1.0
+
+
 def test_a_fresh_batch_is_not_rescored(pipe_and_params):
     pipe, params = pipe_and_params
     trajectories = dataclasses.replace(sample(pipe), policy_version=2)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 from ray.util.queue import Empty, Queue
 
 from dense_rl.checkpoint import checkpoint_name, checkpoint_version, restore_learner, write_learner_files
@@ -58,6 +58,27 @@ class Work:
     pieces: list  # (ObjectRef of Trajectories, row indices in that batch)
     step_advantages: torch.Tensor
     start_checkpoint: str | None  # the checkpoint of version `epoch`, for a group that is not there
+    # Per piece, the ObjectRef of its batch's [B, T] log-probs under version `epoch` (RolloutWorker.rescore),
+    # for batches sampled by an older version; empty when there are none.
+    proximal: list = dataclasses.field(default_factory=list)
+
+
+def proximal_fetcher(work: Work):
+    """ppo_update's fetch_proximal for this work: its rows' log-probs as the rollouts computed them, or
+    None (then the learner computes them) when any is missing: a rollout that held another version,
+    or died."""
+    def fetch() -> torch.Tensor | None:
+        if len(work.proximal) != len(work.pieces):
+            return None
+        try:
+            parts = [ray.get(ref) for ref in work.proximal]
+        except RayError:
+            return None
+        if any(part is None for part in parts):
+            return None
+        return torch.cat([part[rows] for part, (_, rows) in zip(parts, work.pieces)])
+
+    return fetch
 
 
 def next_work(inbox: Queue) -> Work | None:
@@ -186,7 +207,7 @@ def learner_loop(loop_config: dict) -> None:
             trained, pipe.scheduler, optimizer, params, trajectories, step_advantages, train_config,
             eta=config.sample.eta, noise_level=config.sample.sde_noise_level, guidance_scale=config.sample.guidance_scale,
             generator=torch.Generator().manual_seed(update_seed(config.run.seed, epoch, rank)),
-            learner_version=version, grad_scaler=grad_scaler,
+            learner_version=version, grad_scaler=grad_scaler, fetch_proximal=proximal_fetcher(work),
         )
         info["step_seconds"] = time.perf_counter() - started
         metrics.record_learner_update(rank, info, info["step_seconds"])
@@ -267,17 +288,20 @@ class LearnerGroup:
         except BaseException as error:  # surfaced to the driver in wait()
             self.error = error
 
-    def submit(self, epoch: int, trajectory_refs: list, step_advantages: torch.Tensor, rows: list[int]) -> None:
+    def submit(self, epoch: int, trajectory_refs: list, step_advantages: torch.Tensor, rows: list[int],
+               proximal_refs: list | None = None) -> None:
         """Hand each rank its equal share of the rows to train on (`rows`: ascending indices into the
-        epoch, those with a finite reward; `step_advantages`: one row each), as (ObjectRef, row indices)."""
+        epoch, those with a finite reward; `step_advantages`: one row each), as (ObjectRef, row indices).
+        `proximal_refs`: per rollout batch, the ObjectRef of RolloutWorker.rescore's answer."""
         share, shares = rank_shares(rows, self.num_workers, self.rows_per_batch, epoch)
         version, folder = self.start_point
         start_checkpoint = folder if version == epoch else None
         self.served = []
         for rank, pieces in enumerate(shares):
             advantages = step_advantages[rank * share:(rank + 1) * share].clone()
+            proximal = [proximal_refs[batch] for batch, _ in pieces] if proximal_refs else []
             self.served.append(Work(epoch, [(trajectory_refs[batch], local) for batch, local in pieces], advantages,
-                                    start_checkpoint))
+                                    start_checkpoint, proximal))
         self._serve()
 
     def _serve(self) -> None:

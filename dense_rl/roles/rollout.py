@@ -82,6 +82,27 @@ class RolloutWorker:
         metrics.record_rollout_batch(len(prompts), sample.num_steps, time.perf_counter() - started)
         return trajectories.for_learner(), trajectories.for_reward()
 
+    def rescore(self, trajectories: Trajectories, version: int) -> torch.Tensor | None:
+        """[B, T] log-probs of a batch's stored actions under this worker's weights if they are policy
+        `version`, else None: decoupled PPO's proximal log-probs for a learner at `version` (async mode),
+        computed here while the learner trains its first minibatch, so that it need not."""
+        from dense_rl.diffusion.pipeline import denoiser
+        from dense_rl.diffusion.policy import StepPolicy
+        from dense_rl.update import proximal_log_probs
+
+        self._swap_in_pending()
+        if self.version != version:
+            return None
+        model = denoiser(self.pipe)
+        sample = self.config.sample
+        device = next(model.parameters()).device
+        policy = StepPolicy(self.pipe.scheduler, eta=sample.eta, noise_level=sample.sde_noise_level)
+        policy.set_timesteps(trajectories.num_steps, device)
+        policy.check_steps(trajectories.trained_steps)
+        dtype = next(p for p in model.parameters() if not p.requires_grad).dtype
+        return proximal_log_probs(model, policy, trajectories, batch_size=self.config.train.batch_size,
+                                  guidance_scale=sample.guidance_scale, device=device, dtype=dtype)
+
     def pid(self) -> int:
         import os
 
