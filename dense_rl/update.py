@@ -210,6 +210,19 @@ def proximal_log_probs(unet, policy: StepPolicy, trajectories: Trajectories, *, 
     return result.cpu()
 
 
+def rescore_trajectories(model, scheduler, trajectories: Trajectories, *, eta: float, noise_level: float,
+                         guidance_scale: float, batch_size: int) -> torch.Tensor:
+    """proximal_log_probs of `trajectories` under `model`'s current weights, with the step policy set up
+    and checked here: what a rollout actor holding a learner's weights computes for it (RolloutWorker.rescore)."""
+    device = next(model.parameters()).device
+    dtype = next(p for p in model.parameters() if not p.requires_grad).dtype
+    policy = StepPolicy(scheduler, eta=eta, noise_level=noise_level)
+    policy.set_timesteps(trajectories.num_steps, device)
+    policy.check_steps(trajectories.trained_steps)
+    return proximal_log_probs(model, policy, trajectories, batch_size=batch_size, guidance_scale=guidance_scale,
+                              device=device, dtype=dtype)
+
+
 def _step_loss(unet, base_unet, policy: StepPolicy, batch, row_index, step, train, *, advantages, old_log_probs,
                behaviour_log_probs, guidance_scale, device, dtype) -> tuple[torch.Tensor, dict]:
     """The loss of one denoising step for every row of `batch`, and its statistics (device tensors).

@@ -68,7 +68,7 @@ def proximal_fetcher(work: Work):
     None (then the learner computes them) when any is missing: a rollout that held another version,
     or died."""
     def fetch() -> torch.Tensor | None:
-        if len(work.proximal) != len(work.pieces):
+        if not work.proximal:
             return None
         try:
             parts = [ray.get(ref) for ref in work.proximal]

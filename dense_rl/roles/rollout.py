@@ -87,21 +87,15 @@ class RolloutWorker:
         `version`, else None: decoupled PPO's proximal log-probs for a learner at `version` (async mode),
         computed here while the learner trains its first minibatch, so that it need not."""
         from dense_rl.diffusion.pipeline import denoiser
-        from dense_rl.diffusion.policy import StepPolicy
-        from dense_rl.update import proximal_log_probs
+        from dense_rl.update import rescore_trajectories
 
         self._swap_in_pending()
         if self.version != version:
             return None
-        model = denoiser(self.pipe)
         sample = self.config.sample
-        device = next(model.parameters()).device
-        policy = StepPolicy(self.pipe.scheduler, eta=sample.eta, noise_level=sample.sde_noise_level)
-        policy.set_timesteps(trajectories.num_steps, device)
-        policy.check_steps(trajectories.trained_steps)
-        dtype = next(p for p in model.parameters() if not p.requires_grad).dtype
-        return proximal_log_probs(model, policy, trajectories, batch_size=self.config.train.batch_size,
-                                  guidance_scale=sample.guidance_scale, device=device, dtype=dtype)
+        return rescore_trajectories(denoiser(self.pipe), self.pipe.scheduler, trajectories, eta=sample.eta,
+                                    noise_level=sample.sde_noise_level, guidance_scale=sample.guidance_scale,
+                                    batch_size=self.config.train.batch_size)
 
     def pid(self) -> int:
         import os
