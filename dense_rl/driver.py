@@ -17,6 +17,7 @@ learner group served its epoch again (docs/reliability.md).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
@@ -141,14 +142,21 @@ class Driver:
                 scored[i] = self.score([batches[i]])[0]
         return scored
 
-    def rescore(self, epoch: int, batches: list[RolloutBatch], scored: list[ScoredBatch]) -> list | None:
+    def rescore(self, epoch: int, batches: list[RolloutBatch], scored: list[ScoredBatch]):
         """Async mode: the learner (at version `epoch`) needs each stale batch's log-probs under its own
         weights. The rollout actors hold those weights already and are idle until the next epoch is
-        sampled, so each computes its batch's, queued before that sampling, while the learner trains its
-        first minibatch (dense_rl/update.py). None when every batch is on-policy."""
+        sampled, so they compute them, queued before that sampling, while the learner trains
+        (dense_rl/update.py). Returns `ask([(batch index, rows), ...])` -> the ObjectRef of those rows'
+        [rows, T] log-probs, for LearnerGroup.submit to call in the order the ranks need them, each call
+        to the next rollout actor in turn; None when every batch is on-policy."""
         if all(batch.policy_version >= epoch for batch in scored):
             return None
-        return [self.rollout_workers[batch.worker].rescore.remote(batch.ref, epoch) for batch in batches]
+        workers = itertools.cycle(self.rollout_workers)
+
+        def ask(pieces: list[tuple[int, list[int]]]):
+            return next(workers).rescore.remote([(batches[index].ref, rows) for index, rows in pieces], epoch)
+
+        return ask
 
     # ------------------------------------------------------------------ the loop
 
@@ -170,7 +178,7 @@ class Driver:
                 scored = self.refresh_stale(epoch, batches, scored)
                 step_advantages, rows, advantage_info = self.advantages(epoch, scored)
                 self.learner.submit(epoch, [batch.ref for batch in batches], step_advantages, rows,
-                                    proximal_refs=self.rescore(epoch, batches, scored))
+                                    rescore=self.rescore(epoch, batches, scored))
                 self.prometheus.submitted(len(batches))
                 pending = None
                 if asynchronous and epoch + 1 < config.run.num_epochs:

@@ -77,7 +77,7 @@ def describe_layout(cluster: ClusterConfig, cluster_cpus: float) -> str:
 def async_sharing_note(cluster: ClusterConfig, cluster_cpus: float) -> str | None:
     """A warning for async mode on CPUs that sampling and the update must share, else None. There async
     does more work than sync (each stale batch is rescored under the learner's weights, about a third
-    of an update) and has little idle time to overlap: 0.79x sync on 2 shared cores, 1.09-1.12x with a
+    of an update) and has little idle time to overlap: about 0.8x sync on 2 shared cores, 1.3-1.4x with a
     core each for the rollout and the learner (docs/benchmarks.md, "Async with a core per role")."""
     if cluster.max_policy_lag < 1 or cluster.rollout_gpus > 0 or cluster.learner_gpus > 0:
         return None

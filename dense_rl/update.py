@@ -14,15 +14,16 @@ Two paths a GPU user takes need more than float32 on-policy PPO (docs/algorithm.
   those proximal log-probs are what the PPO ratio is clipped around, and the sampler's log-probs only
   enter through the importance weight (decoupled PPO, dense_rl.ppo.ppo_clip_loss). That is one
   gradient-free forward per trained step, about a third of the update. The first minibatch needs none
-  (its own forward runs on those weights); the rest come from `fetch_proximal` (in the Ray system the
-  rollout actors compute them while the first minibatch trains, RolloutWorker.rescore), else from a
-  pass here before the first optimizer step.
+  (its own forward runs on those weights); each later one takes its rows' from `fetch_proximal` (in
+  the Ray system the rollout actors compute them, minibatch by minibatch, while the learner trains,
+  RolloutWorker.rescore), else computes them here on a copy of the start weights (ProximalLogProbs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -76,7 +77,7 @@ def ppo_update(
     noise_level: float = 0.7,
     learner_version: int | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
-    fetch_proximal: Callable[[], torch.Tensor | None] | None = None,
+    fetch_proximal: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
 ) -> dict[str, float]:
     """PPO-clip over `train.num_inner_epochs` passes; one optimizer step per `train.batch_size` trajectories.
 
@@ -88,9 +89,9 @@ def ppo_update(
     the steps in the trajectories' `sde_window` are trained.
 
     The proximal log-probs are those of the weights at the start of the update. The first minibatch's
-    own forward has exactly those weights, so it needs no separate pass; the rest are taken from
-    `fetch_proximal()` ([B, T], computed elsewhere on the same weights, e.g. by the rollout actors)
-    when it gives them, else computed here, before the first optimizer step changes the weights.
+    own forward has exactly those weights, so it needs no separate pass; each later minibatch takes its
+    rows' from `fetch_proximal(rows)` ([len(rows), T], computed elsewhere on the same weights, e.g. by
+    the rollout actors) when it gives them, else they are computed here (ProximalLogProbs).
     """
     num_trajectories, num_steps = step_advantages.shape
     if num_trajectories != trajectories.batch_size or num_steps != trajectories.num_steps:
@@ -110,10 +111,16 @@ def ppo_update(
     common = dict(guidance_scale=guidance_scale, device=device, dtype=dtype)
 
     behaviour = trajectories.log_probs
-    old_log_probs, off_policy = behaviour, learner_version is not None and trajectories.policy_version < learner_version
-    proximal_pending = off_policy  # until the first optimizer step: that minibatch's own forward is the proximal
-    proximal_from_rollouts = False
-    num_minibatches = math.ceil(num_trajectories / train.batch_size) * train.num_inner_epochs
+    off_policy = learner_version is not None and trajectories.policy_version < learner_version
+    proximal = None
+    if off_policy:
+        def compute_proximal(rows: torch.Tensor) -> torch.Tensor:
+            unet.eval()
+            values = proximal_log_probs(base_unet, policy, trajectories.select(rows), batch_size=train.batch_size, **common)
+            unet.train()
+            return values
+
+        proximal = ProximalLogProbs(params, behaviour, fetch_proximal, compute_proximal)
 
     sums: dict[str, torch.Tensor] = {}
     num_updates = skipped = 0
@@ -126,7 +133,10 @@ def ppo_update(
             # the step loop would wait for the device at every step.
             batch = trajectories.select(rows).to(device)
             advantages = step_advantages[rows].to(device)
-            old = None if proximal_pending else old_log_probs[rows].to(device)
+            if not off_policy:
+                old = behaviour[rows].to(device)
+            else:  # the update's first minibatch runs on the start weights: its own forward is the proximal
+                old = None if num_updates == 0 else proximal(rows).to(device)
             behaviour_of_batch = behaviour[rows].to(device) if off_policy else None
             # Each row trains on its own random subset of steps, with that step's own advantage.
             step_order = torch.stack([trained_steps[torch.randperm(len(trained_steps), generator=generator)]
@@ -147,18 +157,6 @@ def ppo_update(
                     scaler.scale(loss / steps_per_trajectory).backward()
                 for key, value in info.items():
                     sums[key] = sums.get(key, 0.0) + value / steps_per_trajectory
-            if proximal_pending and num_updates + 1 < num_minibatches:
-                # The weights are still the proximal policy's: the other minibatches' log-probs, now.
-                old_log_probs = fetch_proximal() if fetch_proximal is not None else None
-                proximal_from_rollouts = old_log_probs is not None
-                if old_log_probs is None:
-                    unet.eval()
-                    old_log_probs = proximal_log_probs(base_unet, policy, trajectories, batch_size=train.batch_size, **common)
-                    unet.train()
-                elif old_log_probs.shape != behaviour.shape:
-                    raise ValueError(f"fetch_proximal gave {tuple(old_log_probs.shape)} log-probs for a "
-                                     f"{tuple(behaviour.shape)} batch")
-            proximal_pending = False
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             scale = scaler.get_scale() if scaler.is_enabled() else 1.0
@@ -175,8 +173,64 @@ def ppo_update(
     result = {key: float(value) / num_updates for key, value in sums.items()}
     return result | {"optimizer_steps": num_updates, "skipped_steps": skipped, "off_policy": float(off_policy),
                      "first_step_clipfrac": float(first_clipfrac),
-                     "proximal_from_rollouts": float(proximal_from_rollouts),
+                     "proximal_from_rollouts": proximal.fraction_fetched if proximal else 0.0,
+                     "proximal_seconds": proximal.seconds if proximal else 0.0,
                      "grad_scale": scaler.get_scale() if scaler.is_enabled() else 1.0}
+
+
+class ProximalLogProbs:
+    """Decoupled PPO's proximal log-probs of an off-policy batch, [B, T]: those of the weights when the
+    update started, gathered as minibatches need them. Rows come from `fetch(rows)` ([len(rows), T],
+    computed elsewhere on those weights) when it gives them, else from `compute(rows)` here, with a
+    copy of the start weights put back for the pass (optimizer steps may have moved them since)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], behaviour: torch.Tensor,
+                 fetch: Callable[[torch.Tensor], torch.Tensor | None] | None,
+                 compute: Callable[[torch.Tensor], torch.Tensor]):
+        self.params, self.fetch, self.compute = params, fetch, compute
+        self.start_weights = [p.detach().clone() for p in params]  # LoRA only: small
+        self.values = torch.zeros_like(behaviour)
+        self.known = torch.zeros(len(behaviour), dtype=torch.bool)
+        self.rows_needed = self.rows_fetched = 0
+        self.seconds = 0.0  # waiting for fetched values, or computing them here
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        missing = rows[~self.known[rows]]
+        if len(missing):
+            started = time.perf_counter()
+            values = self.fetch(missing) if self.fetch is not None else None
+            if values is None:
+                with weights_set_to(self.params, self.start_weights):
+                    values = self.compute(missing)
+            elif values.shape != (len(missing), self.values.shape[1]):
+                raise ValueError(f"fetch_proximal gave {tuple(values.shape)} log-probs for {len(missing)} rows "
+                                 f"of {self.values.shape[1]} steps")
+            else:
+                self.rows_fetched += len(missing)
+            self.values[missing] = values.to(self.values.dtype)
+            self.known[missing] = True
+            self.rows_needed += len(missing)
+            self.seconds += time.perf_counter() - started
+        return self.values[rows]
+
+    @property
+    def fraction_fetched(self) -> float:
+        return self.rows_fetched / self.rows_needed if self.rows_needed else 0.0
+
+
+@contextlib.contextmanager
+def weights_set_to(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
+    """`params` hold `values` inside the block and their own values again after it."""
+    with torch.no_grad():
+        own = [p.detach().clone() for p in params]
+        for param, value in zip(params, values):
+            param.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, value in zip(params, own):
+                param.copy_(value)
 
 
 def score_actions(unet, policy: StepPolicy, batch: Trajectories, row_index, step, *, guidance_scale, device, dtype,

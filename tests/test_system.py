@@ -147,8 +147,8 @@ def test_set_weights_does_not_wait_behind_queued_generates(tmp_path):
 
 
 def test_rescore_gives_the_learners_proximal_log_probs_for_its_version_only(tmp_path):
-    """RolloutWorker.rescore: a batch sampled by version 0, rescored once the worker holds version 1, equals
-    what the learner's own pass computes with those weights; asked for another version, it has nothing."""
+    """RolloutWorker.rescore: rows of a batch sampled by version 0, rescored once the worker holds version 1,
+    equal what the learner's own pass computes with those weights; asked for another version, it has nothing."""
     import ray
 
     from dense_rl.diffusion.pipeline import denoiser
@@ -166,8 +166,9 @@ def test_rescore_gives_the_learners_proximal_log_probs_for_its_version_only(tmp_
         moved = {key: value + 0.01 * torch.randn(value.shape, generator=torch.Generator().manual_seed(1))
                  for key, value in state.items()}
         ray.get(worker.set_weights.remote(1, [ray.put(moved)]))
-        rescored = ray.get(worker.rescore.remote(batch_ref, 1))
-        assert ray.get(worker.rescore.remote(batch_ref, 2)) is None
+        rescored = ray.get(worker.rescore.remote([(batch_ref, list(range(8)))], 1))
+        some = ray.get(worker.rescore.remote([(batch_ref, [5]), (batch_ref, [2, 7])], 1))
+        assert ray.get(worker.rescore.remote([(batch_ref, [0])], 2)) is None
     finally:
         ray.kill(worker)
     batch = ray.get(batch_ref)
@@ -180,7 +181,38 @@ def test_rescore_gives_the_learners_proximal_log_probs_for_its_version_only(tmp_
                                   dtype=torch.float32)
     assert batch.policy_version == 0 and rescored.shape == batch.log_probs.shape
     torch.testing.assert_close(rescored, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(some, expected[[5, 2, 7]], rtol=1e-5, atol=1e-6)  # the rows asked for, in that order
     assert not torch.allclose(rescored, batch.log_probs, atol=1e-4)  # the weights did move
+
+
+def test_the_learner_fetches_the_rows_it_asks_for_and_nothing_else():
+    """proximal_fetcher: rows come from whichever answers hold them, in the order asked, and only those
+    answers are waited for; a rollout on other weights (None) or gone, or a row nobody was asked for,
+    gives None, so that the learner computes them itself."""
+    import ray
+
+    from dense_rl.roles.learner import Work, proximal_fetcher
+
+    first, second = torch.arange(6.0).reshape(3, 2), -torch.arange(4.0).reshape(2, 2)
+
+    @ray.remote
+    def never_answers():
+        import time
+        time.sleep(60)  # a fetch that waited for it would get None and fail below
+
+    hanging = never_answers.remote()
+    try:
+        work = Work(1, [], torch.zeros(6, 2), None, proximal=[(ray.put(first), [4, 0, 2]), (ray.put(second), [1, 5]),
+                                                              (hanging, [3])])
+        fetch = proximal_fetcher(work)
+        torch.testing.assert_close(fetch(torch.tensor([0, 5, 4])), torch.stack([first[1], second[1], first[0]]))
+        assert fetch(torch.tensor([0, 6])) is None  # row 6 was never asked for
+        stale = proximal_fetcher(Work(1, [], torch.zeros(2, 2), None, proximal=[(ray.put(None), [0, 1])]))
+        assert stale(torch.tensor([1])) is None
+    finally:
+        ray.cancel(hanging, force=True)
+    gone = proximal_fetcher(Work(1, [], torch.zeros(1, 2), None, proximal=[(hanging, [0])]))
+    assert gone(torch.tensor([0])) is None
 
 
 def test_reward_gain_credit_through_ray(tmp_path):

@@ -4,6 +4,7 @@ broadcasting the frozen UNet."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -177,49 +178,95 @@ class SteppingRecorder(torch.optim.SGD):
         return super().step(closure)
 
 
-def test_a_stale_batch_in_two_minibatches_takes_its_proximal_log_probs_from_the_update_start(tiny_sd_dir):
+def test_a_stale_batch_takes_its_proximal_log_probs_from_the_update_start_minibatch_by_minibatch(tiny_sd_dir, monkeypatch):
     """The proximal policy is the learner's weights when the update starts. The first minibatch is its
-    own proximal; the second minibatch's log-probs come from fetch_proximal (the rollouts, in the Ray
-    system) or, without it, from a pass before the first optimizer step. Both give the update that
+    own proximal; each later minibatch asks fetch_proximal for its rows (the rollouts, in the Ray
+    system), in the order seeds.minibatch_rows predicts, and without an answer computes them on the
+    start weights, after optimizer steps have moved the live ones. Both give the update that
     precomputed proximal log-probs give, and fetched values are really used."""
     from dense_rl.diffusion.policy import StepPolicy
+    from dense_rl.seeds import minibatch_rows
     from dense_rl.update import proximal_log_probs
 
     sampler, _ = policy(tiny_sd_dir, seed=0)
     stale = sample(sampler)
     advantages = torch.randn(len(PROMPTS), STEPS, generator=torch.Generator().manual_seed(4))
-    train = dataclasses.replace(TRAIN, batch_size=2, clip_range=1e-2)  # two minibatches, two optimizer steps
+    train = dataclasses.replace(TRAIN, batch_size=1, clip_range=1e-2)  # four minibatches, four optimizer steps
 
-    def run(**kwargs):
+    def run(fetched=None):
         learner, params = policy(tiny_sd_dir, seed=0)
         with torch.no_grad():  # the learner has moved on since the batch was sampled
             for p in params:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
-        fetched = kwargs.pop("fetched", None)
         if fetched == "exact":
             step_policy = StepPolicy(learner.scheduler, eta=1.0)
             step_policy.set_timesteps(STEPS, "cpu")
             fetched = proximal_log_probs(learner.unet, step_policy, stale, batch_size=4, guidance_scale=1.0,
                                          device=torch.device("cpu"), dtype=torch.float32)
+        asked = []
+
+        def fetch(rows):
+            asked.append(rows.tolist())
+            return None if fetched is None else fetched[rows]
+
         optimizer = SteppingRecorder(params)
         info = ppo_update(learner.unet, learner.scheduler, optimizer, params, stale, advantages, train, eta=1.0,
                           guidance_scale=1.0, generator=torch.Generator().manual_seed(0), learner_version=1,
-                          fetch_proximal=None if fetched is None else (lambda: fetched))
-        return optimizer.grads, info
+                          fetch_proximal=fetch)
+        return optimizer.grads, info, asked
 
-    local_grads, local = run()
-    fetched_grads, fetched = run(fetched="exact")
+    local_grads, local, asked = run()
+    fetched_grads, fetched, _ = run("exact")
+    assert asked == [rows.tolist() for rows in minibatch_rows(len(PROMPTS), 1, seed=0)[1:]]
     assert local["proximal_from_rollouts"] == 0.0 and fetched["proximal_from_rollouts"] == 1.0
-    assert len(local_grads) == len(fetched_grads) == 2
-    for a, b in zip(local_grads, fetched_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
-    # Log-probs from the moved weights (or anything else) change the second step, not the first.
-    wrong_grads, _ = run(fetched=stale.log_probs + 0.01)
+    assert len(local_grads) == len(fetched_grads) == len(PROMPTS)
+    for a, b in zip(local_grads, fetched_grads):  # the same up to rounding (one row a pass here, four there)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # Log-probs from the moved weights (or anything else) change the later steps, not the first.
+    wrong_grads, _, _ = run(stale.log_probs + 0.01)
     torch.testing.assert_close(wrong_grads[0], local_grads[0])
     assert not torch.allclose(wrong_grads[1], local_grads[1], rtol=1e-3)
-    # A fetch that has nothing (a rollout on other weights, or gone) falls back to the learner's pass.
-    _, none = run(fetched=None)
-    assert none["proximal_from_rollouts"] == 0.0 and none["off_policy"] == 1.0
+    # The local pass really ran on the start weights: on the moved ones the later steps differ.
+    from dense_rl import update as update_module
+
+    monkeypatch.setattr(update_module, "weights_set_to", lambda params, values: contextlib.nullcontext())
+    live_grads, _, _ = run()
+    torch.testing.assert_close(live_grads[0], local_grads[0])
+    assert not torch.allclose(live_grads[-1], local_grads[-1], rtol=1e-3)
+
+
+def test_the_rollouts_are_asked_for_proximal_log_probs_in_the_order_the_ranks_train():
+    """ask_for_proximal: every row a rank trains after its first minibatch is asked for once, with the
+    rollout batch that holds it; first the second minibatch, which the rank needs first (in the order
+    the test above checks), of every rank, then the rest; the first minibatch only when inner epochs
+    repeat."""
+    from dense_rl.roles.learner import ask_for_proximal, rank_shares
+    from dense_rl.seeds import minibatch_rows
+
+    kept = [row for row in range(32) if row not in (5, 20)]  # two samples left out (a NaN reward)
+    share, shares = rank_shares(kept, num_ranks=2, rows_per_batch=16, epoch=0)
+    seeds = [11, 12]
+    calls = []
+
+    def rescore(pieces):
+        calls.append(pieces)
+        return len(calls) - 1  # stands for the ObjectRef
+
+    asked = ask_for_proximal(shares, rescore, minibatch_size=4, seeds=seeds, first_minibatch_too=False)
+    assert [call for rank in range(2) for call, _ in asked[rank]] == [0, 2, 1, 3]  # both ranks' second minibatch first
+    for rank, (pieces, seed) in enumerate(zip(shares, seeds)):
+        where = [(batch, row) for batch, rows in pieces for row in rows]
+        minibatches = [rows.tolist() for rows in minibatch_rows(share, 4, seed)]
+        (second, second_rows), (rest, rest_rows) = asked[rank]
+        assert sorted(second_rows) == sorted(minibatches[1])
+        assert sorted(rest_rows) == sorted(row for minibatch in minibatches[2:] for row in minibatch)
+        for call, rows in asked[rank]:  # the answer's rows, in order, are the pieces' rows
+            assert [where[row] for row in rows] == [(batch, row) for batch, rows_in_batch in calls[call]
+                                                    for row in rows_in_batch]
+
+    calls.clear()
+    again = ask_for_proximal(shares, rescore, minibatch_size=4, seeds=seeds, first_minibatch_too=True)
+    assert sorted(row for _, rows in again[0] for row in rows) == list(range(share))
 
 
 def test_a_fresh_batch_is_not_rescored(pipe_and_params):

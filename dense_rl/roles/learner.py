@@ -31,7 +31,7 @@ from dense_rl.checkpoint import checkpoint_name, checkpoint_version, restore_lea
 from dense_rl.config import Config
 from dense_rl.errors import RunFailed
 from dense_rl.run_dir import CHECKPOINTS
-from dense_rl.seeds import update_seed
+from dense_rl.seeds import minibatch_rows, update_seed
 
 log = logging.getLogger("dense_rl")
 
@@ -58,25 +58,34 @@ class Work:
     pieces: list  # (ObjectRef of Trajectories, row indices in that batch)
     step_advantages: torch.Tensor
     start_checkpoint: str | None  # the checkpoint of version `epoch`, for a group that is not there
-    # Per piece, the ObjectRef of its batch's [B, T] log-probs under version `epoch` (RolloutWorker.rescore),
-    # for batches sampled by an older version; empty when there are none.
+    # (ObjectRef of [n, T] log-probs under version `epoch` from RolloutWorker.rescore, the n row indices
+    # of this work they belong to): for batches sampled by an older version; empty when there are none.
     proximal: list = dataclasses.field(default_factory=list)
 
 
 def proximal_fetcher(work: Work):
-    """ppo_update's fetch_proximal for this work: its rows' log-probs as the rollouts computed them, or
-    None (then the learner computes them) when any is missing: a rollout that held another version,
-    or died."""
-    def fetch() -> torch.Tensor | None:
-        if not work.proximal:
+    """ppo_update's fetch_proximal for this work: the log-probs of the rows asked for, as the rollouts
+    computed them, waiting only for the answers that hold those rows; None (then the learner computes
+    them) when any is missing: a rollout that held another version, or died."""
+    answers: dict[int, torch.Tensor | None] = {}
+
+    def fetch(rows: torch.Tensor) -> torch.Tensor | None:
+        found: dict[int, torch.Tensor] = {}
+        wanted = set(rows.tolist())
+        for index, (ref, rows_of_answer) in enumerate(work.proximal):
+            if wanted.isdisjoint(rows_of_answer):
+                continue
+            if index not in answers:
+                try:
+                    answers[index] = ray.get(ref)
+                except RayError:
+                    answers[index] = None
+            if answers[index] is None:
+                return None
+            found.update(zip(rows_of_answer, answers[index]))
+        if not wanted <= found.keys():
             return None
-        try:
-            parts = [ray.get(ref) for ref in work.proximal]
-        except RayError:
-            return None
-        if any(part is None for part in parts):
-            return None
-        return torch.cat([part[rows] for part, (_, rows) in zip(parts, work.pieces)])
+        return torch.stack([found[row] for row in rows.tolist()])
 
     return fetch
 
@@ -126,6 +135,35 @@ def rank_shares(rows: list[int], num_ranks: int, rows_per_batch: int, epoch: int
             pieces.setdefault(row // rows_per_batch, []).append(row % rows_per_batch)
         shares.append(sorted(pieces.items()))
     return share, shares
+
+
+def ask_for_proximal(shares: list[list], rescore, *, minibatch_size: int, seeds: list[int],
+                     first_minibatch_too: bool) -> list[list]:
+    """Each rank's Work.proximal for an off-policy epoch, from `rescore([(batch index, rows in it), ...])`.
+    A rank trains its minibatches in an order its update seed fixes (seeds.minibatch_rows), and its
+    first needs nothing (its own forward is the proximal policy). So each rank asks twice: for its
+    second minibatch, which it needs first, then for the rest in one call (more rows a call make the
+    rollout's passes efficient); every rank's first ask goes out before any rank's second. The first
+    minibatch is in the rest only when later inner epochs train its rows again."""
+    asks = []
+    for pieces, seed in zip(shares, seeds):
+        where = [(batch, row) for batch, rows in pieces for row in rows]  # the rank's row -> (batch, row there)
+        minibatches = minibatch_rows(len(where), minibatch_size, seed)
+        rest = minibatches[2:] + (minibatches[:1] if first_minibatch_too else [])
+        groups = [group for group in (minibatches[1:2], rest) if group]
+        asks.append([(where, torch.cat(group).tolist()) for group in groups])
+    asked: list[list] = [[] for _ in shares]
+    for position in range(2):
+        for rank, groups in enumerate(asks):
+            if position < len(groups):
+                where, rows = groups[position]
+                by_batch: dict[int, list[int]] = {}  # grouped by rollout batch, the answer's row order
+                for row in rows:
+                    by_batch.setdefault(where[row][0], []).append(row)
+                ordered = [row for rows_of_batch in by_batch.values() for row in rows_of_batch]
+                asked[rank].append((rescore([(batch, [where[row][1] for row in rows_of_batch])
+                                             for batch, rows_of_batch in by_batch.items()]), ordered))
+    return asked
 
 
 def learner_loop(loop_config: dict) -> None:
@@ -250,6 +288,7 @@ class LearnerGroup:
 
         cluster = config.cluster
         self.num_workers = cluster.num_learner_workers
+        self.config = config
         self.rows_per_batch = config.sample.batch_size  # rows of each rollout batch
         self.inboxes = [Queue(actor_options={"num_cpus": 0}) for _ in range(self.num_workers)]
         self.outbox = Queue(actor_options={"num_cpus": 0})
@@ -289,19 +328,25 @@ class LearnerGroup:
             self.error = error
 
     def submit(self, epoch: int, trajectory_refs: list, step_advantages: torch.Tensor, rows: list[int],
-               proximal_refs: list | None = None) -> None:
+               rescore=None) -> None:
         """Hand each rank its equal share of the rows to train on (`rows`: ascending indices into the
         epoch, those with a finite reward; `step_advantages`: one row each), as (ObjectRef, row indices).
-        `proximal_refs`: per rollout batch, the ObjectRef of RolloutWorker.rescore's answer."""
+        `rescore([(batch index, rows), ...])`: the ObjectRef of those rows' proximal log-probs
+        (Driver.rescore), for an epoch sampled by an older policy."""
         share, shares = rank_shares(rows, self.num_workers, self.rows_per_batch, epoch)
         version, folder = self.start_point
         start_checkpoint = folder if version == epoch else None
+        proximal = [[] for _ in shares]
+        if rescore is not None:
+            train = self.config.train
+            proximal = ask_for_proximal(shares, rescore, minibatch_size=train.batch_size // self.num_workers,
+                                        seeds=[update_seed(self.config.run.seed, epoch, rank) for rank in range(len(shares))],
+                                        first_minibatch_too=train.num_inner_epochs > 1)
         self.served = []
         for rank, pieces in enumerate(shares):
             advantages = step_advantages[rank * share:(rank + 1) * share].clone()
-            proximal = [proximal_refs[batch] for batch, _ in pieces] if proximal_refs else []
             self.served.append(Work(epoch, [(trajectory_refs[batch], local) for batch, local in pieces], advantages,
-                                    start_checkpoint, proximal))
+                                    start_checkpoint, proximal[rank]))
         self._serve()
 
     def _serve(self) -> None:

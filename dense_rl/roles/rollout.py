@@ -82,16 +82,19 @@ class RolloutWorker:
         metrics.record_rollout_batch(len(prompts), sample.num_steps, time.perf_counter() - started)
         return trajectories.for_learner(), trajectories.for_reward()
 
-    def rescore(self, trajectories: Trajectories, version: int) -> torch.Tensor | None:
-        """[B, T] log-probs of a batch's stored actions under this worker's weights if they are policy
-        `version`, else None: decoupled PPO's proximal log-probs for a learner at `version` (async mode),
-        computed here while the learner trains its first minibatch, so that it need not."""
+    def rescore(self, pieces: list, version: int) -> torch.Tensor | None:
+        """[rows, T] log-probs of the stored actions of `pieces` ([(ObjectRef of a batch's Trajectories,
+        its rows)], in that order) under this worker's weights if they are policy `version`, else None:
+        decoupled PPO's proximal log-probs for a learner at `version` (async mode), computed here while
+        the learner trains, so that it need not."""
         from dense_rl.diffusion.pipeline import denoiser
         from dense_rl.update import rescore_trajectories
 
         self._swap_in_pending()
         if self.version != version:
             return None
+        batches = ray.get([ref for ref, _ in pieces])
+        trajectories = Trajectories.concat([batch.select(torch.tensor(rows)) for batch, (_, rows) in zip(batches, pieces)])
         sample = self.config.sample
         return rescore_trajectories(denoiser(self.pipe), self.pipe.scheduler, trajectories, eta=sample.eta,
                                     noise_level=sample.sde_noise_level, guidance_scale=sample.guidance_scale,
