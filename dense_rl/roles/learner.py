@@ -150,13 +150,12 @@ def ask_for_proximal(shares: list[list], rescore, *, minibatch_size: int, seeds:
         where = [(batch, row) for batch, rows in pieces for row in rows]  # the rank's row -> (batch, row there)
         minibatches = minibatch_rows(len(where), minibatch_size, seed)
         rest = minibatches[2:] + (minibatches[:1] if first_minibatch_too else [])
-        groups = [group for group in (minibatches[1:2], rest) if group]
-        asks.append([(where, torch.cat(group).tolist()) for group in groups])
+        asks.append((where, [torch.cat(group).tolist() for group in (minibatches[1:2], rest) if group]))
     asked: list[list] = [[] for _ in shares]
     for position in range(2):
-        for rank, groups in enumerate(asks):
+        for rank, (where, groups) in enumerate(asks):
             if position < len(groups):
-                where, rows = groups[position]
+                rows = groups[position]
                 by_batch: dict[int, list[int]] = {}  # grouped by rollout batch, the answer's row order
                 for row in rows:
                     by_batch.setdefault(where[row][0], []).append(row)
