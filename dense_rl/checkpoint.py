@@ -1,7 +1,7 @@
 """Everything a checkpoint holds, who writes it, and how a run resumes from it. One module for both
 sides: the learner (rank 0) and the driver import it; it imports neither, nor Ray.
 
-    RUN/checkpoints/<fit>/epoch-NNNN/
+    RUN/checkpoints/<session>/epoch-NNNN/   <session>: from-epoch-<start>-<time>, one per start or resume
         pytorch_lora_weights.safetensors  the LoRA, diffusers' format and LoraConfig      (the learner)
         optimizer.safetensors             AdamW state as tensors + JSON param groups, no pickle (the learner)
         driver_state.json                 epoch, samples seen, both stat trackers, metric history (the driver)
@@ -35,7 +35,7 @@ DRIVER_STATE = "driver_state.json"
 
 
 def checkpoint_name(version: int) -> str:
-    """The folder of policy version k inside a fit: epoch-000k."""
+    """The folder of policy version k inside a session's checkpoint folder: epoch-000k."""
     return f"epoch-{version:04d}"
 
 
@@ -94,7 +94,7 @@ def complete_checkpoint(run: RunDir, path: str, state: DriverState) -> None:
 
 
 def latest_checkpoint(run: RunDir) -> dict | None:
-    """{"epoch": k, "path": "checkpoints/<fit>/epoch-000k"} of the newest complete checkpoint, or None."""
+    """{"epoch": k, "path": "checkpoints/<session>/epoch-000k"} of the newest complete checkpoint, or None."""
     return run.latest_checkpoint()
 
 

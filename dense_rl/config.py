@@ -112,7 +112,7 @@ class ClusterConfig:
     # (dense_rl/layout.py); set any of them to place the roles yourself.
     num_rollout_workers: int | None = None
     num_reward_workers: int = 1
-    num_learner_workers: int | None = None  # Ray Train DDP workers
+    num_learner_workers: int | None = None  # learner ranks (DDP)
     rollout_cpus: float | None = None  # per actor; torch uses this many threads unless rollout_threads says otherwise
     rollout_gpus: float = 0.0  # per actor; > 0 places the pipeline on CUDA
     reward_cpus: float | None = None
@@ -126,7 +126,7 @@ class ClusterConfig:
     learner_threads: int | None = None
     max_policy_lag: int = 0  # 0: sync, exactly on-policy; 1: async, rollouts overlap the update (decoupled PPO)
     # Fault tolerance (docs/reliability.md): restarts of a dead rollout/reward actor, retries of a
-    # failed reward call before the run stops, and learner-group restarts (Ray Train FailureConfig).
+    # failed reward call before the run stops, and learner-group restarts.
     actor_restarts: int = 3
     reward_retries: int = 2
     learner_failures: int = 2

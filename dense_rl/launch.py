@@ -174,7 +174,6 @@ def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verb
     run = RunDir(run_uri)
     recorder = RunRecorder(run, config)
     state, weights, checkpoint = load_resume_point(run, config)
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one noisy line per run, no use locally
     own_session = not ray.is_initialized()
     start_ray(config, verbose)
     try:

@@ -6,8 +6,8 @@
     RUN/samples/epoch-0003.parquet       one row per sample: prompt, reward, per-step credits, policy version
     RUN/images/epoch-0003.png            a grid of the epoch's first samples
     RUN/reward_curve.png                 reward vs samples seen, redrawn every epoch
-    RUN/checkpoints/<fit>/epoch-0003/    LoRA (diffusers format), optimizer, driver state; <fit> names
-                                         one learner-group run (a resumed run starts a new one)
+    RUN/checkpoints/<session>/epoch-0003/  LoRA (diffusers format), optimizer, driver state; <session>
+                                         (from-epoch-0000-<time>) is one start or resume of the run
     RUN/latest.json                      the newest *complete* checkpoint; written last
 
 What a checkpoint holds and in which order it is written is dense_rl/checkpoint.py's business; this
@@ -117,7 +117,7 @@ class RunDir:
     # dense_rl.checkpoint is their only caller: it decides when a checkpoint is complete.
 
     def latest_checkpoint(self) -> dict | None:
-        """{"epoch": k, "path": "checkpoints/<fit>/epoch-000k"} for the newest complete checkpoint, or None."""
+        """{"epoch": k, "path": "checkpoints/<session>/epoch-000k"} for the newest complete checkpoint, or None."""
         return self.read_json(LATEST) if self.exists(LATEST) else None
 
     def mark_latest(self, epoch: int, path: str) -> None:

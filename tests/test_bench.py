@@ -390,3 +390,21 @@ def test_peer_quick_in_process_on_an_sd_shaped_folder(tiny_sd_dir, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "dense_rl.bench", "peer", "--model", str(tmp_path)], cwd=REPO,
                              env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     assert missing.returncode == 2 and "no model_index.json" in missing.stderr
+
+
+@pytest.mark.slow
+def test_learner_start_brings_up_both_groups_and_names_their_processes(tmp_path):
+    """One repeat of each variant, each on a fresh private Ray instance: both groups of 2 ranks get
+    ready (imports, the tiny policy, one all-reduce over gloo), and the processes seen are Ray Train's
+    controller besides its workers, and the plain actors alone."""
+    result = run_bench("learner-start", "--repeats", "1", "--settle-seconds", "0", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["benchmark"] == "learner-start" and data["complete"] is True
+    rows = {row["variant"]: row for row in data["rows"]}
+    assert set(rows) == {"ray-train", "plain-actors"}
+    assert all(row["seconds_to_ready"] > 0 and row["cpu_seconds"] > 0 for row in rows.values())
+    assert "ray::TrainController.run" in rows["ray-train"]["worker_names"]
+    assert rows["ray-train"]["worker_names"].count("ray::RayTrainWorker") == 2
+    assert rows["plain-actors"]["worker_names"].count("ray::Rank.ready") == 2
+    assert not any("Train" in name for name in rows["plain-actors"]["worker_names"])
+    assert "Ray Train's group of 2 ranks is ready" in result.stdout

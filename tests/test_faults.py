@@ -38,9 +38,6 @@ def plan_file(tmp_path_factory):
     plan = tmp_path_factory.mktemp("chaos") / "plan.json"
     plan.write_text("[]")
     os.environ[chaos.ENV] = str(plan)
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # With the dashboard: Ray Train's placement-group cleaner asks the state API whether the controller
-    # lives, and without one it may ask another Ray instance on the machine, and take "unknown" for dead.
     ray.init(address="local", num_cpus=6, logging_level=logging.ERROR, log_to_driver=False)
     yield plan
     ray.shutdown()
@@ -200,8 +197,8 @@ def test_bad_rewards_are_dropped_and_counted_and_all_bad_stops(plan_file, tmp_pa
 
 
 def test_learner_worker_killed_restarts_from_checkpoint_and_rollouts_get_its_weights(plan_file, tmp_path, caplog):
-    """Epoch 1: learner rank 1 SIGKILLs itself with the epoch taken, after its update. Ray Train
-    restarts the group from the checkpoint of version 1, the driver serves epoch 1 again, the rollouts
+    """Epoch 1: learner rank 1 SIGKILLs itself with the epoch taken, after its update. The group
+    restarts from the checkpoint of version 1, the driver serves epoch 1 again, the rollouts
     hold the restored and then the new weights, and the run finishes."""
     set_plan(plan_file, [{"point": "learner", "version": 1, "rank": 1, "action": "sigkill", "times": 1}])
     config = config_for(tmp_path, "learner", "run.num_epochs=3", "cluster.num_rollout_workers=1",
@@ -218,3 +215,24 @@ def test_learner_worker_killed_restarts_from_checkpoint_and_rollouts_get_its_wei
     assert "learner group restarted from its checkpoint of version 1" in caplog.text
     assert all(np.isfinite(m["learner_policy_loss"]) for m in history)
     assert [row["epoch"] for row in run.read_table("metrics.parquet")] == [0, 1, 2]
+
+
+def test_a_learner_that_keeps_failing_stops_the_run_after_its_restarts(plan_file, tmp_path, caplog):
+    """Epoch 1: learner rank 0 raises after every update. With cluster.learner_failures=1 the group is
+    restarted once from the checkpoint of version 1, fails again, and the run stops naming the budget
+    and the cause; the checkpoint of version 1 stays the newest, whole."""
+    set_plan(plan_file, [{"point": "learner", "version": 1, "rank": 0, "action": "raise", "times": 99,
+                          "message": "NCCL watchdog timeout"}])
+    config = config_for(tmp_path, "learner-fails", "run.num_epochs=3", "cluster.num_rollout_workers=1",
+                        "cluster.learner_failures=1", "sample.num_batches_per_epoch=1")
+    run = RunDir(f"{tmp_path}/learner-fails")
+    with caplog.at_level(logging.WARNING, logger="dense_rl"), pytest.raises(RunFailed) as failure:
+        run_system(config, run.uri, show_progress=False)
+
+    message = str(failure.value)
+    assert message.startswith("the learner group failed 2 times (cluster.learner_failures=1); last: ")
+    assert "NCCL watchdog timeout" in message and "\n" not in message
+    assert caplog.text.count("learner group restarted from its checkpoint of version 1") == 1
+    assert run.latest_checkpoint()["epoch"] == 1
+    assert read_lora_file(f"{run.uri}/{run.latest_checkpoint()['path']}")
+    assert [row["epoch"] for row in run.read_table("metrics.parquet")] == [0]

@@ -202,16 +202,16 @@ def test_the_learner_fetches_the_rows_it_asks_for_and_nothing_else():
 
     hanging = never_answers.remote()
     try:
-        work = Work(1, [], torch.zeros(6, 2), None, proximal=[(ray.put(first), [4, 0, 2]), (ray.put(second), [1, 5]),
-                                                              (hanging, [3])])
+        work = Work(1, [], torch.zeros(6, 2), proximal=[(ray.put(first), [4, 0, 2]), (ray.put(second), [1, 5]),
+                                                        (hanging, [3])])
         fetch = proximal_fetcher(work)
         torch.testing.assert_close(fetch(torch.tensor([0, 5, 4])), torch.stack([first[1], second[1], first[0]]))
         assert fetch(torch.tensor([0, 6])) is None  # row 6 was never asked for
-        stale = proximal_fetcher(Work(1, [], torch.zeros(2, 2), None, proximal=[(ray.put(None), [0, 1])]))
+        stale = proximal_fetcher(Work(1, [], torch.zeros(2, 2), proximal=[(ray.put(None), [0, 1])]))
         assert stale(torch.tensor([1])) is None
     finally:
         ray.cancel(hanging, force=True)
-    gone = proximal_fetcher(Work(1, [], torch.zeros(1, 2), None, proximal=[(hanging, [0])]))
+    gone = proximal_fetcher(Work(1, [], torch.zeros(1, 2), proximal=[(hanging, [0])]))
     assert gone(torch.tensor([0])) is None
 
 

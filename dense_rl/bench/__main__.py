@@ -4,6 +4,7 @@
     throughput          credit cost, Ray vs in-process, async vs sync, weight broadcast, object-store bytes
     scaling             throughput against the number of rollout actors on the local multi-node cluster
     peer                the peer workload on a local diffusers folder: in-process, Ray sync and async (and the peer's scripts)
+    learner-start       starting the learner group: Ray Train's TorchTrainer against plain Ray actors
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ BENCHMARKS = {
     "throughput": "dense_rl.bench.throughput",
     "scaling": "dense_rl.bench.scaling",
     "peer": "dense_rl.bench.peer",
+    "learner-start": "dense_rl.bench.learner_start",
 }
 
 

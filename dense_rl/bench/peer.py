@@ -193,7 +193,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from dense_rl.config import load_config
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray_workers_at_normal_priority()
     epochs = 2 if args.quick else args.epochs
     repeats = 1 if args.quick else args.repeats

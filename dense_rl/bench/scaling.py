@@ -144,7 +144,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from dense_rl.config import load_config
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray_workers_at_normal_priority()
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))

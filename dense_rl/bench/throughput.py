@@ -285,7 +285,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from dense_rl.config import load_config
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray_workers_at_normal_priority()
     torch.set_num_threads(1)  # the in-process loop gets what each Ray actor gets: one thread
     overrides = (QUICK if args.quick else []) + args.overrides

@@ -1,35 +1,38 @@
-"""The learner group: a Ray Train TorchTrainer (DDP; gloo on CPU, NCCL on GPU) whose workers run
-PPO on the LoRA parameters.
+"""The learner group: `cluster.num_learner_workers` Ray actors (LearnerRank) that run PPO on the LoRA
+parameters under DDP (torch.distributed; gloo on CPU, NCCL on GPU).
 
-The driver hands each rank its share of an epoch through a per-rank queue. After the update, rank 0
-publishes the new LoRA state once (`ray.put`) to every RolloutWorker, writes its checkpoint files
-(LoRA, optimizer: dense_rl/checkpoint.py) straight into the run directory, hands that folder to
-`ray.train.report`, and tells the driver. `trainer.fit()` blocks, so it runs in a background thread
-of the driver.
+The driver hands each rank its share of an epoch (one `LearnerRank.update` call per rank and epoch).
+After the update, rank 0 publishes the new LoRA state once (`ray.put`) to every RolloutWorker, writes
+its checkpoint files (LoRA, optimizer: dense_rl/checkpoint.py) straight into the run directory and
+returns the result.
 
-A learner worker that dies makes Ray Train (FailureConfig) restart the whole group from its last
-checkpoint. The new group announces the version it restored (LearnerStarted) and publishes those
-weights to the rollouts; the driver then serves the epoch the dead group had taken once more. Work
-carries the checkpoint of the version it starts from, so a group that restored an older one catches
-up, and one that restored a newer one (it died after saving) only says so again.
+A rank that fails (its process killed, its node lost, an exception) fails the epoch: the group kills
+its ranks and starts new ones from the newest checkpoint the driver holds, whose rank 0 publishes those
+weights to the rollouts, and the epoch is served to it again; at most cluster.learner_failures times
+in a run, then the run stops with the cause.
+
+The ranks set up their process group themselves rather than through Ray Train's TorchTrainer, whose
+controller and helper actors (8 more processes) made a 2-rank group ready 19 s later on 2 cores, at
+2.5x the CPU (`python -m dense_rl.bench learner-start`; docs/benchmarks.md, "The learner group without
+Ray Train").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
+import socket
 import time
 from dataclasses import dataclass
 
 import ray
 import torch
 from ray.exceptions import RayActorError, RayError
-from ray.util.queue import Empty, Queue
 
-from dense_rl.checkpoint import checkpoint_name, checkpoint_version, restore_learner, write_learner_files
+from dense_rl.checkpoint import checkpoint_name, restore_learner, write_learner_files
 from dense_rl.config import Config
-from dense_rl.errors import RunFailed
+from dense_rl.errors import RunFailed, start_errors, start_failure
+from dense_rl.recovery import first_line
 from dense_rl.run_dir import CHECKPOINTS
 from dense_rl.seeds import minibatch_rows, update_seed
 
@@ -45,19 +48,10 @@ class LearnerResult:
 
 
 @dataclass
-class LearnerStarted:
-    """Rank 0 of a (re)started group: the policy version its weights hold."""
-
-    version: int
-    restored: bool  # from Ray Train's checkpoint, i.e. this is a restart after a failure
-
-
-@dataclass
 class Work:
     epoch: int
     pieces: list  # (ObjectRef of Trajectories, row indices in that batch)
     step_advantages: torch.Tensor
-    start_checkpoint: str | None  # the checkpoint of version `epoch`, for a group that is not there
     # (ObjectRef of [n, T] log-probs under version `epoch` from RolloutWorker.rescore, the n row indices
     # of this work they belong to): for batches sampled by an older version; empty when there are none.
     proximal: list = dataclasses.field(default_factory=list)
@@ -88,17 +82,6 @@ def proximal_fetcher(work: Work):
         return torch.stack([found[row] for row in rows.tolist()])
 
     return fetch
-
-
-def next_work(inbox: Queue) -> Work | None:
-    # Short polls: a get left waiting by a worker that died must not outlive it and swallow the item
-    # meant for its successor.
-    while True:
-        try:
-            item = inbox.get(block=True, timeout=2.0)
-        except Empty:
-            continue
-        return None if item is None else ray.get(item[0])
 
 
 def publish(version: int, state: dict, rollout_workers: list) -> list:
@@ -165,166 +148,133 @@ def ask_for_proximal(shares: list[list], rescore, *, minibatch_size: int, seeds:
     return asked
 
 
-def learner_loop(loop_config: dict) -> None:
-    """Runs on every learner worker."""
-    import ray.train
-    import ray.train.torch
+def join_process_group(model: torch.nn.Module, address: str, rank: int, world_size: int, device: str):
+    """Join the ranks' process group (NCCL on GPU, gloo on CPU) and wrap `model` in DDP, which then
+    synchronises only its trained parameters (update.ignore_frozen_in_ddp)."""
+    import torch.distributed as dist
 
-    from dense_rl import chaos, metrics
-    from dense_rl.diffusion.pipeline import denoiser
-    from dense_rl.diffusion.trajectories import Trajectories
-    from dense_rl.lora import lora_state_dict
-    from dense_rl.loop import build_policy
-    from dense_rl.roles import use_threads
-    from dense_rl.run_dir import RunDir
-    from dense_rl.update import ignore_frozen_in_ddp, make_grad_scaler, make_optimizer, ppo_update
+    from dense_rl.update import ignore_frozen_in_ddp
 
-    config: Config = loop_config["config"]
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    use_threads(config.cluster.threads("learner"))
-    device = "cuda" if config.cluster.learner_gpus > 0 else "cpu"
-    policy_config = dataclasses.replace(config, model=dataclasses.replace(config.model, device=device))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=address, rank=rank, world_size=world_size)
+    ignore_frozen_in_ddp(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[0] if device == "cuda" else None,
+                                                     find_unused_parameters=False)
 
-    pipe, params = build_policy(policy_config)
-    model = denoiser(pipe)  # the UNet or flow transformer that carries the LoRA adapter
-    optimizer = make_optimizer(params, config.train)
-    grad_scaler = make_grad_scaler(model)  # float16 only; its scale carries over between epochs
-    run = RunDir(loop_config["run_uri"])
 
-    # Restore: Ray Train's own checkpoint after a worker failure, else the run's resume point; the
-    # optimizer keeps this session's train.* values (a resume may change them).
-    def restore(folder: RunDir) -> None:
-        restore_learner(folder, model, optimizer, config.train)
+@ray.remote(max_restarts=0)  # the group restarts as a whole (LearnerGroup), from a checkpoint
+class LearnerRank:
+    """One DDP rank: the policy, its optimizer and its loss scale, updated once per epoch."""
 
-    version, saved = loop_config["start_version"], loop_config["resume_from"]
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restart after a failure (FailureConfig)
-        with checkpoint.as_directory() as folder:
-            restore(RunDir(folder))
-        version = checkpoint_version(checkpoint.path)
-        saved = f"{loop_config['checkpoint_prefix']}/{checkpoint_name(version)}"
-    elif saved is not None:
-        restore(run.child(saved))
+    @start_errors  # a failed start reaches the driver as one line (errors.py)
+    def __init__(self, config: Config, rank: int, world_size: int, run_uri: str, checkpoint_prefix: str,
+                 rollout_workers: list):
+        from dense_rl.diffusion.pipeline import denoiser
+        from dense_rl.loop import build_policy
+        from dense_rl.roles import use_threads
+        from dense_rl.run_dir import RunDir
+        from dense_rl.update import make_grad_scaler, make_optimizer
 
-    if world_size > 1:
-        ignore_frozen_in_ddp(model)
-        trained = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
-    else:
-        trained = model
-    train_config = dataclasses.replace(config.train, batch_size=config.train.batch_size // world_size)
-    inbox: Queue = loop_config["inboxes"][rank]
-    outbox: Queue = loop_config["outbox"]
-    rollout_workers = loop_config["rollout_workers"]
-    if rank == 0:
-        if checkpoint is not None:  # the rollouts get the restored weights
-            publish(version, lora_state_dict(model), rollout_workers)
-        outbox.put(LearnerStarted(version, restored=checkpoint is not None))
+        use_threads(config.cluster.threads("learner"))
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.device = "cuda" if config.cluster.learner_gpus > 0 else "cpu"
+        self.pipe, self.params = build_policy(dataclasses.replace(config, model=dataclasses.replace(config.model, device=self.device)))
+        self.model = denoiser(self.pipe)  # the UNet or flow transformer that carries the LoRA adapter
+        self.trained = self.model  # what the update runs: the DDP wrapper when there are several ranks
+        self.optimizer = make_optimizer(self.params, config.train)
+        self.grad_scaler = make_grad_scaler(self.model)  # float16 only; its scale carries over between epochs
+        self.run, self.checkpoint_prefix, self.rollout_workers = RunDir(run_uri), checkpoint_prefix, rollout_workers
+        self.version: int | None = None  # the policy version the weights hold, once joined
 
-    while True:
-        work: Work | None = next_work(inbox)
-        if work is None:
-            return
-        epoch, pieces, step_advantages = work.epoch, work.pieces, work.step_advantages
-        if epoch < version:  # served again, but this group restored it already done: say so again
-            if rank == 0 and epoch == version - 1:
-                weights = publish(version, lora_state_dict(model), rollout_workers)
-                outbox.put(LearnerResult(version, {}, saved if saved and checkpoint_version(saved) == version else None,
-                                         weights))
-            continue
-        if epoch > version:  # restored an older checkpoint than the epoch needs: start from the newer one
-            if work.start_checkpoint is None:
-                raise RuntimeError(f"the learner holds version {version} but epoch {epoch} needs its own; "
-                                   "no checkpoint of it (run.save_every > 1): resume the run with --resume")
-            restore(run.child(work.start_checkpoint))
-            version = epoch
-        trajectories = Trajectories.concat([ray.get(ref).select(rows) for ref, rows in pieces])
+    def address(self) -> str:
+        """Where the ranks' process group meets (asked of rank 0): this node, a free port."""
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def join(self, address: str | None, version: int, checkpoint: str | None, restarted: bool) -> None:
+        """Load `checkpoint` (policy version `version`; None: the base policy) into the model and the
+        optimizer (which keeps this session's train.* values: a resume may change them), then join the
+        process group and wrap the model in DDP. Rank 0 of a restarted group publishes what it loaded."""
+        if checkpoint is not None:
+            restore_learner(self.run.child(checkpoint), self.model, self.optimizer, self.config.train)
+        self.version = version
+        if self.world_size > 1:
+            self.trained = join_process_group(self.model, address, self.rank, self.world_size, self.device)
+        if restarted and self.rank == 0:
+            from dense_rl.lora import lora_state_dict
+
+            publish(version, lora_state_dict(self.model), self.rollout_workers)
+
+    def update(self, work: Work) -> LearnerResult | None:
+        """PPO on this rank's share of one epoch. Rank 0 then publishes the new weights, writes the
+        checkpoint when one is due and returns the result; the other ranks return None."""
+        from dense_rl import chaos, metrics
+        from dense_rl.diffusion.trajectories import Trajectories
+        from dense_rl.lora import lora_state_dict
+        from dense_rl.update import ppo_update
+
+        config, epoch = self.config, work.epoch
+        if epoch != self.version:  # restarted from an older checkpoint than the epoch starts from
+            raise RuntimeError(f"the learner holds policy version {self.version} but epoch {epoch} starts from version "
+                               f"{epoch}, which has no checkpoint (run.save_every={config.run.save_every}): resume the "
+                               "run with --resume")
+        trajectories = Trajectories.concat([ray.get(ref).select(rows) for ref, rows in work.pieces])
         started = time.perf_counter()
         info = ppo_update(
-            trained, pipe.scheduler, optimizer, params, trajectories, step_advantages, train_config,
+            self.trained, self.pipe.scheduler, self.optimizer, self.params, trajectories, work.step_advantages,
+            dataclasses.replace(config.train, batch_size=config.train.batch_size // self.world_size),
             eta=config.sample.eta, noise_level=config.sample.sde_noise_level, guidance_scale=config.sample.guidance_scale,
-            generator=torch.Generator().manual_seed(update_seed(config.run.seed, epoch, rank)),
-            learner_version=version, grad_scaler=grad_scaler, fetch_proximal=proximal_fetcher(work),
+            generator=torch.Generator().manual_seed(update_seed(config.run.seed, epoch, self.rank)),
+            learner_version=epoch, grad_scaler=self.grad_scaler, fetch_proximal=proximal_fetcher(work),
         )
         info["step_seconds"] = time.perf_counter() - started
-        metrics.record_learner_update(rank, info, info["step_seconds"])
-        chaos.strike("learner", epoch, rank=rank)  # tests: a worker dies with the epoch taken, not finished
-        version = epoch + 1
-        save = version % config.run.save_every == 0 or version == config.run.num_epochs
-        weights = None
-        if rank == 0:
-            started, state = time.perf_counter(), lora_state_dict(model)
-            weights = publish(version, state, rollout_workers)
-            info["broadcast_seconds"] = time.perf_counter() - started
-            metrics.record_weight_broadcast(rank, version, info["broadcast_seconds"],
-                                            sum(t.numel() * t.element_size() for t in state.values()))
-        # Every rank reports (it is a barrier); only rank 0 attaches the checkpoint.
-        if save and rank == 0:
-            folder_name = checkpoint_name(version)
-            # Written in place through RunDir (temporary name, then rename: no file is ever seen half
-            # written), then handed to Ray Train as a checkpoint it needs not copy.
-            write_learner_files(run.child(f"{loop_config['checkpoint_prefix']}/{folder_name}"), model, optimizer)
-            storage = ray.train.get_context().get_storage()
-            checkpoint_in_place = ray.train.Checkpoint(f"{storage.experiment_fs_path}/{folder_name}",
-                                                       filesystem=storage.storage_filesystem)
-            ray.train.report(info, checkpoint=checkpoint_in_place, checkpoint_dir_name=folder_name,
-                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
-        else:
-            ray.train.report(info)
-        if rank == 0:
-            if save:
-                saved = f"{loop_config['checkpoint_prefix']}/{checkpoint_name(version)}"
-            outbox.put(LearnerResult(version, info, saved if save else None, weights))
+        metrics.record_learner_update(self.rank, info, info["step_seconds"])
+        chaos.strike("learner", epoch, rank=self.rank)  # tests: a rank dies with the epoch taken, not finished
+        self.version = epoch + 1
+        if self.rank != 0:
+            return None
+        started, state = time.perf_counter(), lora_state_dict(self.model)
+        weights = publish(self.version, state, self.rollout_workers)
+        info["broadcast_seconds"] = time.perf_counter() - started
+        metrics.record_weight_broadcast(self.rank, self.version, info["broadcast_seconds"],
+                                        sum(t.numel() * t.element_size() for t in state.values()))
+        checkpoint = None
+        if self.version % config.run.save_every == 0 or self.version == config.run.num_epochs:
+            # Written in place through RunDir (temporary name, then rename: no file is ever seen half written).
+            checkpoint = f"{self.checkpoint_prefix}/{checkpoint_name(self.version)}"
+            write_learner_files(self.run.child(checkpoint), self.model, self.optimizer)
+        return LearnerResult(self.version, info, checkpoint, weights)
 
 
 class LearnerGroup:
-    """The driver's handle on the learner: submit an epoch, wait for its result, close."""
+    """The driver's handle on the learner ranks: submit an epoch, wait for its result, close."""
 
     def __init__(self, config: Config, rollout_workers: list, run_uri: str, start_version: int,
                  resume_from: str | None):
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-
-        cluster = config.cluster
-        self.num_workers = cluster.num_learner_workers
-        self.config = config
+        self.config, self.rollout_workers, self.run_uri = config, rollout_workers, run_uri
+        self.num_workers = config.cluster.num_learner_workers
         self.rows_per_batch = config.sample.batch_size  # rows of each rollout batch
-        self.inboxes = [Queue(actor_options={"num_cpus": 0}) for _ in range(self.num_workers)]
-        self.outbox = Queue(actor_options={"num_cpus": 0})
-        resources = {"CPU": cluster.learner_cpus, **cluster.custom_resources("learner")}
-        if cluster.learner_gpus > 0:
-            resources["GPU"] = cluster.learner_gpus
-        # A fresh name per fit: Ray Train resumes a same-named run from *its* newest checkpoint, which
-        # can be ahead of the driver's (the driver may have died before recording it).
-        fit_name = f"from-epoch-{start_version:04d}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.trainer = TorchTrainer(
-            learner_loop,
-            train_loop_config={
-                "config": config, "inboxes": self.inboxes, "outbox": self.outbox,
-                "rollout_workers": rollout_workers, "run_uri": run_uri, "resume_from": resume_from,
-                "start_version": start_version, "checkpoint_prefix": f"{CHECKPOINTS}/{fit_name}",
-            },
-            scaling_config=ScalingConfig(
-                num_workers=self.num_workers, use_gpu=cluster.learner_gpus > 0, resources_per_worker=resources
-            ),
-            run_config=RunConfig(
-                name=fit_name, storage_path=f"{run_uri.rstrip('/')}/{CHECKPOINTS}",
-                failure_config=FailureConfig(max_failures=cluster.learner_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=None),
-            ),
-        )
-        self.error: BaseException | None = None
-        self.starts = 0
-        self.served: list[Work] | None = None  # the epoch the group holds now, to serve again after a restart
+        # A folder per session: a resumed run never overwrites the checkpoints of an earlier session.
+        self.checkpoint_prefix = f"{CHECKPOINTS}/from-epoch-{start_version:04d}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.start_point = (start_version, resume_from)  # the newest checkpoint: (version, folder)
-        self.thread = threading.Thread(target=self._fit, name="learner-fit", daemon=True)
-        self.thread.start()
+        self.failures_left = config.cluster.learner_failures
+        self.served: list[Work] = []  # the epoch the group holds now, to serve again after a restart
+        self.calls: list = []  # the ranks' update calls for it
+        self._start(restarted=False)
 
-    def _fit(self) -> None:
-        try:
-            self.trainer.fit()
-        except BaseException as error:  # surfaced to the driver in wait()
-            self.error = error
+    def _start(self, restarted: bool) -> None:
+        """New ranks, loading the start point. Nothing waits here: each rank runs its calls in order,
+        so its first update follows its join."""
+        cluster = self.config.cluster
+        options = dict(num_cpus=cluster.learner_cpus, num_gpus=cluster.learner_gpus,
+                       resources=cluster.custom_resources("learner"))
+        self.ranks = [LearnerRank.options(**options).remote(self.config, rank, self.num_workers, self.run_uri,
+                                                            self.checkpoint_prefix, self.rollout_workers)
+                      for rank in range(self.num_workers)]
+        address = self.ranks[0].address.remote() if self.num_workers > 1 else None
+        version, folder = self.start_point
+        self.joined = [rank.join.remote(address, version, folder, restarted) for rank in self.ranks]
 
     def submit(self, epoch: int, trajectory_refs: list, step_advantages: torch.Tensor, rows: list[int],
                rescore=None) -> None:
@@ -333,57 +283,55 @@ class LearnerGroup:
         `rescore([(batch index, rows), ...])`: the ObjectRef of those rows' proximal log-probs
         (Driver.rescore), for an epoch sampled by an older policy."""
         share, shares = rank_shares(rows, self.num_workers, self.rows_per_batch, epoch)
-        version, folder = self.start_point
-        start_checkpoint = folder if version == epoch else None
         proximal = [[] for _ in shares]
         if rescore is not None:
             train = self.config.train
             proximal = ask_for_proximal(shares, rescore, minibatch_size=train.batch_size // self.num_workers,
                                         seeds=[update_seed(self.config.run.seed, epoch, rank) for rank in range(len(shares))],
                                         first_minibatch_too=train.num_inner_epochs > 1)
-        self.served = []
-        for rank, pieces in enumerate(shares):
-            advantages = step_advantages[rank * share:(rank + 1) * share].clone()
-            self.served.append(Work(epoch, [(trajectory_refs[batch], local) for batch, local in pieces], advantages,
-                                    start_checkpoint, proximal[rank]))
+        self.served = [Work(epoch, [(trajectory_refs[batch], local) for batch, local in pieces],
+                            step_advantages[rank * share:(rank + 1) * share].clone(), proximal[rank])
+                       for rank, pieces in enumerate(shares)]
         self._serve()
 
     def _serve(self) -> None:
-        # Each Work goes in as an object reference the queue actor never opens: unpickling the Work
-        # itself would make every queue actor import torch and this module (seconds of CPU each).
-        for inbox, work in zip(self.inboxes, self.served):
-            inbox.put([ray.put(work)])
+        self.calls = [rank.update.remote(work) for rank, work in zip(self.ranks, self.served)]
 
-    def _started(self, message: LearnerStarted, epoch: int) -> None:
-        self.starts += 1
-        if self.starts == 1 and not message.restored:
-            return
-        log.warning("learner group restarted from its checkpoint of version %d (Ray Train FailureConfig); "
-                    "serving epoch %d to it again", message.version, epoch)
-        if self.served is not None and self.served[0].epoch == epoch:
-            self._serve()
-
-    def wait(self, epoch: int, poll_seconds: float = 1.0) -> LearnerResult:
+    def wait(self, epoch: int) -> LearnerResult:
         while True:
-            if self.error is not None:
-                raise RuntimeError(f"the learner group failed: {self.error}") from self.error
             try:
-                message = self.outbox.get(block=True, timeout=poll_seconds)
-            except Empty:
-                if not self.thread.is_alive() and self.error is None:
-                    raise RuntimeError("the learner group stopped before finishing the epoch")
+                # The first failure, as soon as it comes: the other ranks may be stuck in a collective
+                # with the one that died.
+                pending = self.joined + self.calls
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    ray.get(done)
+            except RayError as error:
+                self._restart(epoch, error)
                 continue
-            if isinstance(message, LearnerStarted):
-                self._started(message, epoch)
-            elif message.version == epoch + 1:  # older versions: answers to an epoch served twice
-                if message.checkpoint is not None:
-                    self.start_point = (message.version, message.checkpoint)
-                return message
+            result = ray.get(self.calls[0])
+            if result.checkpoint is not None:
+                self.start_point = (result.version, result.checkpoint)
+            return result
+
+    def _restart(self, epoch: int, error: RayError) -> None:
+        start_cause = start_failure(str(error))
+        if start_cause is not None:  # a constructor fails the same way every time
+            raise RunFailed(f"learner: {start_cause}; check model.pretrained={self.config.model.pretrained!r} and "
+                            "lora.*") from error
+        cause = first_line(error)
+        if self.failures_left == 0:
+            raise RunFailed(f"the learner group failed {self.config.cluster.learner_failures + 1} times "
+                            f"(cluster.learner_failures={self.config.cluster.learner_failures}); last: {cause}") from error
+        self.failures_left -= 1
+        for rank in self.ranks:
+            ray.kill(rank)
+        version, folder = self.start_point
+        log.warning("learner group restarted from %s after %s; serving epoch %d to it again",
+                    f"its checkpoint of version {version}" if folder else f"policy version {version}", cause, epoch)
+        self._start(restarted=True)
+        self._serve()
 
     def close(self) -> None:
-        for inbox in self.inboxes:
-            try:
-                inbox.put(None)
-            except Exception:  # the queue actor is already gone when Ray is shutting down
-                pass
-        self.thread.join(timeout=60)
+        for rank in self.ranks:  # a Ray session shared with others keeps going
+            ray.kill(rank)
