@@ -3,12 +3,13 @@ against plain Ray actors doing the same work.
 
 A run's start on a small machine is CPU-bound (docs/benchmarks.md, "Where a run's start goes"), and
 the learner group is its largest part. Each repeat starts a fresh private Ray instance and measures,
-from asking for a group of `--ranks` ranks until every rank is ready (has imported what
-roles/learner.learner_loop imports, built the tiny policy and done one all-reduce over gloo):
+from asking for a group of `--ranks` ranks until every rank is ready (has imported what a learner
+rank imports, built the tiny policy and done one all-reduce over gloo):
 
-- `ray-train`: Ray Train's TorchTrainer, as roles/learner.py starts it (its controller, the controller's
-  helper actors, the worker group and the process group it sets up);
-- `plain-actors`: as many plain Ray actors, which set up torch.distributed themselves.
+- `ray-train`: Ray Train's TorchTrainer, as the learner group started until 2026-12-06 (its controller,
+  the controller's helper actors, the worker group and the process group it sets up);
+- `plain-actors`: as many plain Ray actors that set up torch.distributed themselves, as
+  roles/learner.py's LearnerRank does now.
 
 It prints the seconds to ready, the machine's CPU-seconds spent meanwhile (everything running, the Ray
 instance included, so run it on an idle machine; for ray-train until `fit()` returns, so the group's
@@ -37,7 +38,7 @@ def rank_ready(rank: int, world_size: int) -> float:
     from dense_rl.config import load_config
     from dense_rl.loop import build_policy
     from dense_rl.roles import use_threads
-    from dense_rl.update import make_optimizer, ppo_update  # noqa: F401 (what learner_loop imports)
+    from dense_rl.update import make_optimizer, ppo_update  # noqa: F401 (what a learner rank imports)
 
     use_threads(1)
     pipe, params = build_policy(load_config(None))
@@ -158,6 +159,7 @@ def main(argv: list[str]) -> int:
     if args.ranks < 1 or args.repeats < 1:
         parser.error("--ranks and --repeats must be >= 1")
     ray_workers_at_normal_priority()
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # off, as the learner had it: one process less
     report = Report("learner-start", args.out, {"ranks": args.ranks, "repeats": args.repeats, "settle_seconds": args.settle_seconds})
     rows = []
     for repeat in range(args.repeats):
