@@ -12,9 +12,9 @@ weights to the rollouts, and the epoch is served to it again; at most cluster.le
 in a run, then the run stops with the cause.
 
 The ranks set up their process group themselves rather than through Ray Train's TorchTrainer, whose
-controller and helper actors (8 more processes) made a 2-rank group ready 19 s later on 2 cores, at
-2.5x the CPU (`python -m dense_rl.bench learner-start`; docs/benchmarks.md, "The learner group without
-Ray Train").
+controller and helper actors (7 more processes) made a 2-rank group ready 2.6-2.9x later on 2 cores,
+at 2.2-2.5x the CPU (`python -m dense_rl.bench learner-start`; docs/benchmarks.md, "The learner group
+without Ray Train").
 """
 
 from __future__ import annotations
