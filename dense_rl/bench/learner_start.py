@@ -41,8 +41,9 @@ def rank_ready(rank: int, world_size: int) -> float:
     from dense_rl.update import make_optimizer, ppo_update  # noqa: F401 (what a learner rank imports)
 
     use_threads(1)
-    pipe, params = build_policy(load_config(None))
-    make_optimizer(params, load_config(None).train)
+    config = load_config(None)
+    pipe, params = build_policy(config)
+    make_optimizer(params, config.train)
     ready = torch.tensor([time.time()], dtype=torch.float64)
     dist.all_reduce(ready, op=dist.ReduceOp.MAX)
     return float(ready)
@@ -50,7 +51,7 @@ def rank_ready(rank: int, world_size: int) -> float:
 
 def ray_train_loop(loop_config: dict) -> None:
     import ray.train
-    import ray.train.torch  # noqa: F401 (roles/learner imports it in every rank)
+    import ray.train.torch  # noqa: F401 (the learner imported it in every rank under Ray Train)
 
     context = ray.train.get_context()
     ready = rank_ready(context.get_world_rank(), context.get_world_size())
@@ -79,12 +80,9 @@ def start_plain_actors(ranks: int, cpus: float) -> float:
     @ray.remote
     class Rank:
         def address(self) -> str:
-            import socket
+            from dense_rl.roles.learner import rendezvous_address
 
-            with socket.socket() as probe:
-                probe.bind(("", 0))
-                port = probe.getsockname()[1]
-            return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+            return rendezvous_address()
 
         def ready(self, rank: int, world_size: int, address: str) -> float:
             import torch.distributed as dist

@@ -148,6 +148,14 @@ def ask_for_proximal(shares: list[list], rescore, *, minibatch_size: int, seeds:
     return asked
 
 
+def rendezvous_address() -> str:
+    """A process group's init_method on this node: its Ray IP and a port free now."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+
 def join_process_group(model: torch.nn.Module, address: str, rank: int, world_size: int, device: str):
     """Join the ranks' process group (NCCL on GPU, gloo on CPU) and wrap `model` in DDP, which then
     synchronises only its trained parameters (update.ignore_frozen_in_ddp)."""
@@ -186,11 +194,8 @@ class LearnerRank:
         self.version: int | None = None  # the policy version the weights hold, once joined
 
     def address(self) -> str:
-        """Where the ranks' process group meets (asked of rank 0): this node, a free port."""
-        with socket.socket() as probe:
-            probe.bind(("", 0))
-            port = probe.getsockname()[1]
-        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+        """Where the ranks' process group meets (asked of rank 0)."""
+        return rendezvous_address()
 
     def join(self, address: str | None, version: int, checkpoint: str | None, restarted: bool) -> None:
         """Load `checkpoint` (policy version `version`; None: the base policy) into the model and the
