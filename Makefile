@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 	rm -rf $(HPS_REF)
 	$(UV) --no-deps --target $(HPS_REF) hpsv2==1.2.0 torchvision==0.28.0 ftfy==6.3.1 wcwidth==0.9.4 clint==0.5.1 args==0.1.0
 	$(PY) -m pip download -q --no-deps -d $(HPS_REF)/wheels -c constraints.txt open_clip_torch==3.3.0
-	$(PY) tests/reference/install_hpsv2_vocab.py $(HPS_REF) $(HPS_REF)/wheels/open_clip_torch-3.3.0-py3-none-any.whl
+	$(PY) tests/rewards/reference/install_hpsv2_vocab.py $(HPS_REF) $(HPS_REF)/wheels/open_clip_torch-3.3.0-py3-none-any.whl
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -5,7 +5,7 @@ and the same file into deploy/kuberay/components/monitoring/ (kustomize reads no
     python dashboards/build_dashboard.py --check  # exit 1 if either is out of date
 
 Metric names are as Prometheus scrapes them from Ray (`ray_` prefix, `_total` on counters; see
-dense_rl/metrics.py). Every query filters on the `session` variable (Ray's SessionName label: one per
+dense_rl/system/telemetry.py). Every query filters on the `session` variable (Ray's SessionName label: one per
 Ray cluster start) and rates use `$__rate_interval`.
 """
 

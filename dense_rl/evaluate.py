@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dense_rl.checkpoint import LORA_FILE, latest_checkpoint, read_lora_bytes
 from dense_rl.config import Config, ConfigError, RewardSpec, load_config
-from dense_rl.run_dir import CHECKPOINTS, CONFIG_FILE, RunDir
+from dense_rl.run.checkpoints import LORA_FILE, latest_checkpoint, read_lora_bytes
+from dense_rl.run.storage import CHECKPOINTS, CONFIG_FILE, RunDir
 
 RESULTS_TABLE = "unseen_rewards.parquet"
 RESULTS_PLOT = "unseen_rewards.png"
@@ -138,10 +138,10 @@ def evaluate_run(
     show_progress: bool = True,
 ) -> list[dict]:
     """Sample and score base + checkpoints; write the table and plot into the run; return the rows."""
+    from dense_rl.diffusion.lora import add_lora, load_lora_state_dict
     from dense_rl.diffusion.pipeline import denoiser, load_pipeline
-    from dense_rl.lora import add_lora, load_lora_state_dict
-    from dense_rl.prompts import load_prompts
     from dense_rl.rewards import build_reward
+    from dense_rl.training.prompts import load_prompts
 
     run = RunDir(run_uri)
     config = read_run_config(run)

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 
-from dense_rl.registry import RegistryUnavailable, open_registry
+from dense_rl.run.registry import RegistryUnavailable, open_registry
 
 
 def age(seconds: float) -> str:

@@ -51,7 +51,7 @@ def samples_file(runs_dir: Path, key: tuple[str, str, int]) -> Path:
 def write_samples(path: Path, images) -> None:
     """The held-out samples (uint8 [N, 3, H, W], prompts in the held-out order: six colours of each
     digit) as one PNG, a row per digit: what a reader looks at to see a reward saturate or be gamed."""
-    from dense_rl.plots import image_grid_png
+    from dense_rl.run.plots import image_grid_png
 
     write_atomic(path, image_grid_png(images, columns=6, min_cell=32))
 
@@ -144,9 +144,9 @@ def execute_run(settings: dict, key: tuple[str, str, int], threads: int = 1) -> 
     import torch
 
     from dense_rl.config import RewardSpec, load_config
-    from dense_rl.loop import evaluate, train
-    from dense_rl.prompts import load_prompts
     from dense_rl.rewards import WeightedRewards
+    from dense_rl.training.prompts import load_prompts
+    from dense_rl.training.trainer import evaluate, train
 
     torch.set_num_threads(threads)
     reward, method, seed = key
@@ -185,9 +185,10 @@ def base_heldout(out: Path, settings: dict, base_config, names: list[str]) -> di
             if set(names) <= set(known) and (out / "base_heldout.png").is_file():
                 return {name: known[name] for name in names}
     from dense_rl.config import RewardSpec
-    from dense_rl.loop import build_policy, evaluate
-    from dense_rl.prompts import load_prompts
+    from dense_rl.diffusion.pipeline import build_policy
     from dense_rl.rewards import WeightedRewards
+    from dense_rl.training.prompts import load_prompts
+    from dense_rl.training.trainer import evaluate
 
     pipe, _ = build_policy(base_config)
     heldout = load_prompts(settings["heldout"])[: settings["heldout_prompts"]]

@@ -36,9 +36,9 @@ def rank_ready(rank: int, world_size: int) -> float:
     import torch.distributed as dist
 
     from dense_rl.config import load_config
-    from dense_rl.loop import build_policy
-    from dense_rl.roles import use_threads
-    from dense_rl.update import make_optimizer, ppo_update  # noqa: F401 (what a learner rank imports)
+    from dense_rl.diffusion.pipeline import build_policy
+    from dense_rl.system.roles import use_threads
+    from dense_rl.training.update import make_optimizer, ppo_update  # noqa: F401 (what a learner rank imports)
 
     use_threads(1)
     config = load_config(None)
@@ -80,7 +80,7 @@ def start_plain_actors(ranks: int, cpus: float) -> float:
     @ray.remote
     class Rank:
         def address(self) -> str:
-            from dense_rl.roles.learner import rendezvous_address
+            from dense_rl.system.roles.learner import rendezvous_address
 
             return rendezvous_address()
 

@@ -38,7 +38,7 @@ WORKLOAD = [
     "model.dtype=float32", "model.device=cpu", "sample.num_steps=20", "sample.batch_size=8",
     "sample.num_batches_per_epoch=4", "sample.samples_per_prompt=1", "credit.mode=sparse", "train.batch_size=8",
     "train.lr=3e-4", "train.adam_weight_decay=1e-4",
-    # The default layout, chosen from the CPUs Ray reports (dense_rl/layout.py), not the preset's GPU node.
+    # The default layout, chosen from the CPUs Ray reports (dense_rl/config/layout.py), not the preset's GPU node.
     "cluster.num_rollout_workers=null", "cluster.rollout_cpus=null", "cluster.rollout_gpus=0",
     "cluster.reward_cpus=null", "cluster.num_learner_workers=null", "cluster.learner_cpus=null",
     "cluster.learner_gpus=0",
@@ -96,7 +96,7 @@ def epoch_summary(epoch_seconds: list[float], first_epoch_end: float, sample: li
 def in_process(config) -> dict:
     import torch
 
-    from dense_rl.loop import train
+    from dense_rl.training.trainer import train
 
     torch.set_num_threads(CPUS)
     started = time.perf_counter()
@@ -116,7 +116,7 @@ def ray_system(config) -> dict:
 
     import ray
 
-    from dense_rl.launch import run_system
+    from dense_rl.system.session import run_system
 
     started, ends = time.perf_counter(), []
     ray.init(address="local", num_cpus=CPUS, logging_level=logging.ERROR, log_to_driver=False)

@@ -1,6 +1,6 @@
 """DDPO (sparse credit) vs UCA (uniform) vs CoCA vs reward-gain credit at a fixed sample budget, per reward.
 
-Every run uses the in-process reference loop (`dense_rl.loop.train`, the same algorithm the Ray system
+Every run uses the in-process reference loop (`dense_rl.training.trainer.train`, the same algorithm the Ray system
 runs) with identical settings and seeds; only `credit.mode` differs. So for a given seed every method
 samples the very same first batch and draws the same prompts and noise seeds every epoch, and they
 differ afterwards only through what they learned. Each training reward is a sweep of its own
@@ -38,10 +38,24 @@ from pathlib import Path
 from dense_rl.bench import efficiency_stats as stats
 from dense_rl.bench.common import Report, table
 from dense_rl.bench.efficiency_plots import LABELS, plot_credit, plot_curves, plot_heldout, plot_samples
-from dense_rl.bench.efficiency_runs import (METHODS, RUN_SETTINGS, base_heldout, check_configs, execute_run,
-                                            existing_runs, key_of, read_runs, run_file, run_grid, runs_to_do,
-                                            samples_file, settings_difference, write_atomic, write_json_atomic,
-                                            write_run)
+from dense_rl.bench.efficiency_runs import (
+    METHODS,
+    RUN_SETTINGS,
+    base_heldout,
+    check_configs,
+    execute_run,
+    existing_runs,
+    key_of,
+    read_runs,
+    run_file,
+    run_grid,
+    runs_to_do,
+    samples_file,
+    settings_difference,
+    write_atomic,
+    write_json_atomic,
+    write_run,
+)
 from dense_rl.bench.efficiency_summary import summarise
 
 REWARDS = ("preference", "brightness", "darkness")  # why not the JPEG pair: docs/benchmarks.md, "Rewards with headroom"
@@ -125,7 +139,7 @@ def selection(args) -> tuple[list[str], list[str], list[int]]:
 def run_settings(args) -> tuple[dict, object]:
     """The settings every run of this command shares (RUN_SETTINGS), and the base config."""
     from dense_rl.config import load_config
-    from dense_rl.prompts import load_prompts
+    from dense_rl.training.prompts import load_prompts
 
     overrides = (QUICK if args.quick else []) + list(args.overrides)
     base_config = load_config(args.config, overrides)

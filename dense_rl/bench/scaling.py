@@ -74,7 +74,7 @@ class LocalCluster:
 
 
 def measure(config) -> dict:
-    from dense_rl.launch import run_system
+    from dense_rl.system.session import run_system
 
     ends = []
     with tempfile.TemporaryDirectory() as folder:
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         f"run.num_epochs={epochs}", f"run.save_every={epochs}", f"sample.num_batches_per_epoch={max(actors)}"]
     report = Report("scaling", args.out, {"config": args.config, "overrides": overrides, "actors": actors,
                                           "epochs": epochs, "quick": args.quick})
-    measured, loads = {}, {}
+    measured = {}
     bar = tqdm(total=len(actors) + 1, desc="scaling", unit="step")
     bar.set_postfix_str("cluster up")
     with LocalCluster() as address:

@@ -63,7 +63,7 @@ def steady(values: list[float]) -> float:
 
 
 def in_process(config) -> list[dict]:
-    from dense_rl.loop import train
+    from dense_rl.training.trainer import train
 
     return train(config, show_progress=False)
 
@@ -71,11 +71,12 @@ def in_process(config) -> list[dict]:
 def credit_compute_seconds(config, repeats: int) -> dict[str, float]:
     """Credit weights + both normalisation stages for one epoch's real trajectories, per mode (best of
     `repeats`: the least disturbed by the other work on the machine)."""
-    from dense_rl.advantages import compute_step_advantages
-    from dense_rl.credit import cosine_to_final, step_weights_for
-    from dense_rl.loop import build_policy, sample_epoch
-    from dense_rl.prompts import load_prompts
-    from dense_rl.stats import PerPromptStatTracker
+    from dense_rl.algo.advantages import compute_step_advantages
+    from dense_rl.algo.credit import cosine_to_final, step_weights_for
+    from dense_rl.algo.normalisers import PerPromptStatTracker
+    from dense_rl.diffusion.pipeline import build_policy
+    from dense_rl.training.prompts import load_prompts
+    from dense_rl.training.trainer import sample_epoch
 
     pipe, _ = build_policy(config)
     trajectories = sample_epoch(pipe, config, load_prompts(config.sample.prompts), epoch=0)
@@ -108,7 +109,7 @@ def credit_compute_seconds(config, repeats: int) -> dict[str, float]:
 def ray_system(config) -> dict:
     """Train with the Ray system (a private instance); per-epoch wall time between epoch ends, and the
     reward curve against those times (learning per wall-clock second, not only samples per second)."""
-    from dense_rl.launch import run_system
+    from dense_rl.system.session import run_system
 
     ends = []
     with tempfile.TemporaryDirectory() as folder:
@@ -174,8 +175,8 @@ def broadcast_and_bytes(config, repeats: int) -> dict:
     and copy an SD 1.5-sized LoRA the same way; bytes of what travels through the object store."""
     import ray
 
-    from dense_rl.roles.reward import RewardWorker
-    from dense_rl.roles.rollout import RolloutWorker
+    from dense_rl.system.roles.reward import RewardWorker
+    from dense_rl.system.roles.rollout import RolloutWorker
 
     @ray.remote(num_cpus=1)
     class LoraReceiver:

@@ -29,9 +29,11 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
+from dense_rl import ASSETS
+from dense_rl.config import Config
+from dense_rl.diffusion.lora import add_lora, load_lora_state_dict, read_lora_file
 from dense_rl.diffusion.trajectories import PromptEmbeds
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_PREFIX = "embedded:"
 # Components a model folder may leave out (null in model_index.json, or absent), per pipeline class.
 _OPTIONAL_COMPONENTS = ("vae", "safety_checker", "feature_extractor", "image_encoder")
@@ -118,6 +120,22 @@ def _load_sd3(path: str, index: dict, dtype: torch.dtype, revision: str | None) 
     return pipe
 
 
+def build_policy(config: Config):
+    """The frozen pipeline with a trainable LoRA adapter; returns (pipe, lora_params)."""
+    pipe = load_pipeline(
+        config.model.pretrained, dtype=config.model.dtype, device=config.model.device, revision=config.model.revision
+    )
+    # Seeded so every process (rollouts, each learner rank, a resumed run) builds the same adapter.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.run.seed)
+        params = add_lora(denoiser(pipe), config.lora.rank, config.lora.alpha, config.lora.target_modules)
+    if config.lora.init_from:
+        load_lora_state_dict(denoiser(pipe), read_lora_file(config.lora.init_from))
+    if config.model.compile:
+        compile_denoiser(pipe, config.model.device)
+    return pipe, params
+
+
 def denoiser(pipe) -> torch.nn.Module:
     """The network that is fine-tuned: the UNet (SD 1.x/2.x) or the transformer (SD3)."""
     model = getattr(pipe, "unet", None)
@@ -128,7 +146,7 @@ def compile_denoiser(pipe, device: str) -> None:
     """torch.compile the denoiser in place (nn.Module.compile): the module, its LoRA layers and any
     DDP wrapper around it stay what they are, only its forward runs compiled. The first batch of
     each shape pays the compilation."""
-    from dense_rl.checks import compile_problem
+    from dense_rl.config.preflight import compile_problem
 
     problem = compile_problem(device)
     if problem:

@@ -6,19 +6,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from dense_rl.credit import cosine_to_final, window_boundary_steps
+from dense_rl.algo.credit import cosine_to_final, window_boundary_steps
 from dense_rl.diffusion.pipeline import decode_to_images, denoiser, encode_prompts, latent_shape
 from dense_rl.diffusion.policy import StepPolicy, guided_model_output
 from dense_rl.diffusion.trajectories import PromptEmbeds, Trajectories
-
-
-def sampler_options(sample, credit=None) -> dict:
-    """sample_trajectories' keyword arguments from a SampleConfig (every caller samples alike) and,
-    when training, the CreditConfig: `reward_gain` credit needs the window boundaries decoded."""
-    boundaries = credit.window_size if credit is not None and credit.mode == "reward_gain" else None
-    return dict(num_steps=sample.num_steps, guidance_scale=sample.guidance_scale, eta=sample.eta,
-                noise_level=sample.sde_noise_level, sde_window=sample.sde_window, negative_prompt=sample.negative_prompt,
-                resolution=sample.resolution, decode_boundaries_every=boundaries)
 
 
 @torch.no_grad()

@@ -58,15 +58,10 @@ class WeightedRewards:
         self.weights = {spec.name: spec.weight for spec in specs}
         self.rewards = {spec.name: build_reward(spec.name, spec.path, device, spec.dtype) for spec in specs}
 
-    def __call__(self, images: torch.Tensor, prompts: list[str], version: int | None = None
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """`version` (the policy version of the batch) only places injected faults (dense_rl.chaos)."""
-        from dense_rl import chaos
-
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         components = {}
         for name, reward in self.rewards.items():
             try:
-                chaos.strike("reward", version, name=name)
                 value = reward(images, prompts)
             except Exception as error:  # named here, so the run's error says which reward failed
                 raise RewardFailed(name, error) from error

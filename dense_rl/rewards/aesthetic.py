@@ -20,7 +20,11 @@ import torch
 from torch import nn
 
 from dense_rl.rewards.clip_common import (
-    image_embeddings, local_or_hub_file, normalize, read_image_geometry, resize_shortest_side_and_center_crop,
+    image_embeddings,
+    local_or_hub_file,
+    normalize,
+    read_image_geometry,
+    resize_shortest_side_and_center_crop,
     resolve_dtype,
 )
 

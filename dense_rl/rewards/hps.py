@@ -25,8 +25,15 @@ from pathlib import Path
 import torch
 
 from dense_rl.rewards.clip_common import (
-    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_images, clip_embeddings, has_tokenizer_files, local_or_hub_file,
-    normalize, resize_longest_side_and_pad, resolve_dtype,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    check_images,
+    clip_embeddings,
+    has_tokenizer_files,
+    local_or_hub_file,
+    normalize,
+    resize_longest_side_and_pad,
+    resolve_dtype,
 )
 
 HPS_REPO = "xswu/HPSv2"

@@ -13,8 +13,13 @@ from __future__ import annotations
 import torch
 
 from dense_rl.rewards.clip_common import (
-    check_images, clip_embeddings, has_tokenizer_files, normalize, read_image_geometry,
-    resize_shortest_side_and_center_crop, resolve_dtype,
+    check_images,
+    clip_embeddings,
+    has_tokenizer_files,
+    normalize,
+    read_image_geometry,
+    resize_shortest_side_and_center_crop,
+    resolve_dtype,
 )
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"

@@ -1,4 +1,4 @@
-"""The embedded tiny world's reward models (trained by ``python -m dense_rl.models.tiny.train_rewards``).
+"""The embedded tiny world's reward models (trained by ``python -m dense_rl.models.tiny.train.rewards``).
 
 - :class:`DigitAlignmentReward` ("digit_alignment"): prompt alignment, P(prompted digit) x
   P(prompted colour) from a small two-headed CNN classifier.
@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dense_rl import ASSETS
 from dense_rl.models.tiny.data import COLOR_NAMES, parse_prompt
 from dense_rl.models.tiny.nets import load_net
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "rewards"
-DEFAULT_CLASSIFIER = ASSETS / "digit_classifier.safetensors"
-DEFAULT_PREFERENCE = ASSETS / "preference.safetensors"
+DEFAULT_CLASSIFIER = ASSETS / "rewards" / "digit_classifier.safetensors"
+DEFAULT_PREFERENCE = ASSETS / "rewards" / "preference.safetensors"
 IMAGE_SIZE = 16
 
 

@@ -1,0 +1,1 @@
+"""What several test packages share: tiny models, real servers, job control."""
