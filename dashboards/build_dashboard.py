@@ -85,6 +85,21 @@ ROWS = [
         ("CoCA guard fallbacks", "short", "Trajectories of the last epoch whose gains summed to ~0 and got uniform credit.",
          [q(f"ray_dense_rl_credit_fallbacks{{{S}}}", "fallbacks")], "line"),
     ]),
+    ("Guards", [
+        ("Held-out rewards", "short",
+         "Newest held-out evaluation (fixed prompts and noise): each trained reward, `trained` (their weighted "
+         "sum) and the rewards the run does not train on. A trained reward that rises while an unseen one falls "
+         "is a reward being gamed; guards: stop the run on it.",
+         [q(f'ray_dense_rl_heldout_reward{{{S}, reward!~"image_.*"}}', "{{reward}}")], "line"),
+        ("Samples at the newest held-out evaluation", "short", "Training samples the evaluated policy had seen.",
+         [q(f"max(ray_dense_rl_heldout_samples{{{S}}})", "samples")], "stat"),
+        ("Held-out image monitors", "short", "Brightness, saturation, contrast and diversity of the held-out samples.",
+         [q(f'ray_dense_rl_heldout_reward{{{S}, reward=~"image_.*"}}', "{{reward}}")], "line"),
+        ("Image monitors of training samples", "short",
+         "Each epoch's samples: mean brightness, saturation and contrast (0-1), and diversity, the RMS pixel distance "
+         "between two samples of a prompt (alerted when it falls under half its highest).",
+         [q(f"ray_dense_rl_image_monitor{{{S}}}", "{{monitor}}")], "line"),
+    ]),
     ("Learner", [
         ("PPO loss", "short", "PPO-clip policy loss of the last update, per learner rank.",
          [q(f"ray_dense_rl_ppo_loss{{{S}}}", "{{actor}}")], "line"),

@@ -36,7 +36,9 @@ from tqdm.auto import tqdm
 
 from dense_rl.config import Config, ConfigError, RewardSpec, load_config
 from dense_rl.run.checkpoints import LORA_FILE, latest_checkpoint, read_lora_bytes
+from dense_rl.run.heldout import BEST_FOLDER, read_best
 from dense_rl.run.storage import CHECKPOINTS, CONFIG_FILE, RunDir
+from dense_rl.training.heldout import fixed_noise_batches
 
 RESULTS_TABLE = "unseen_rewards.parquet"
 RESULTS_PLOT = "unseen_rewards.png"
@@ -81,23 +83,30 @@ def list_checkpoints(run: RunDir) -> dict[int, str]:
     root = run.path("")
     for info in run.fs.get_file_info(selector):
         match = re.search(r"(checkpoints/[^/]+/epoch-(\d+))/" + re.escape(LORA_FILE) + "$", info.path)
-        if match and info.path.startswith(root):
+        if match and info.path.startswith(root) and not match.group(1).startswith(BEST_FOLDER):  # a copy
             found[int(match.group(2))] = match.group(1)
     return dict(sorted(found.items()))
 
 
 def choose_checkpoints(run: RunDir, which: str) -> dict[int, str]:
-    """`latest`, `all`, or comma-separated policy versions such as `2,4`; the base model is added separately."""
+    """`latest`, `best` (best.json: every guard satisfied, highest held-out reward), `all`, or
+    comma-separated policy versions such as `2,4`; the base model is added separately."""
     available = list_checkpoints(run)
     if which == "all":
         return available
+    if which == "best":
+        best = read_best(run)
+        if best is None:
+            raise ConfigError(f"--checkpoints: {run.uri} has no best.json (it needs evaluation.every_epochs and a "
+                              "checkpoint that satisfies every guard); use latest or all")
+        return {best["policy_version"]: best["checkpoint"]}
     if which == "latest":
         latest = latest_checkpoint(run)
         return {} if latest is None else {latest["epoch"]: latest["path"]}
     try:
         wanted = [int(v) for v in which.split(",")]
     except ValueError:
-        raise ConfigError(f"--checkpoints: {which!r} is not latest, all or a list of epochs like 2,4") from None
+        raise ConfigError(f"--checkpoints: {which!r} is not latest, best, all or a list of epochs like 2,4") from None
     missing = [v for v in wanted if v not in available]
     if missing:
         raise ConfigError(f"--checkpoints: no checkpoint for epoch {missing[0]}; the run has {sorted(available) or 'none'}")
@@ -107,18 +116,13 @@ def choose_checkpoints(run: RunDir, which: str) -> dict[int, str]:
 # ---------------------------------------------------------------------------- sampling and scoring
 
 
-def fixed_noise_batches(prompts: list[str], samples_per_prompt: int, batch_size: int, seed: int):
-    """[(seed, [(prompt, sample_index), ...]), ...]: the same list, hence the same noise, for every policy."""
-    items = [(prompt, k) for prompt in prompts for k in range(samples_per_prompt)]
-    return [(seed + b, items[start : start + batch_size]) for b, start in enumerate(range(0, len(items), batch_size))]
-
-
 def sample_images(pipe, config: Config, prompts: list[str], seed: int) -> torch.Tensor:
     """Images as training scores them: 8-bit (as Trajectories.for_reward ships them), back in [0, 1]."""
-    from dense_rl.diffusion.sampler import sample_trajectories, sampler_options
+    from dense_rl.diffusion.sampler import sample_trajectories
     from dense_rl.diffusion.trajectories import RewardInputs, to_uint8
+    from dense_rl.training.recipe import evaluation_sampler_options
 
-    trajectories = sample_trajectories(pipe, prompts, **sampler_options(config.sample),
+    trajectories = sample_trajectories(pipe, prompts, **evaluation_sampler_options(config, pipe),
                                        generator=torch.Generator().manual_seed(seed))
     return RewardInputs.as_float(to_uint8(trajectories.images))
 
@@ -254,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or URI) written by dense_rl.launch")
     parser.add_argument("--rewards", nargs="+", required=True, metavar="NAME[=PATH]", help="rewards to score with")
     parser.add_argument("--prompts", help="prompt file or embedded:NAME (default: held-out set for the tiny model, else the run's)")
-    parser.add_argument("--checkpoints", default="latest", help="latest (default), all, or epochs like 2,4")
+    parser.add_argument("--checkpoints", "--checkpoint", default="latest",
+                        help="latest (default), best (best.json), all, or epochs like 2,4")
     parser.add_argument("--no-base", action="store_true", help="do not evaluate the base model (policy version 0)")
     parser.add_argument("--samples-per-prompt", type=int, default=1)
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")

@@ -76,6 +76,7 @@ def preflight(config: Config, run_uri: str, resuming: bool) -> None:
     """Checks that read files but load no weights: run before Ray starts. The model checks come last:
     they import diffusers (for the UNet built on the meta device)."""
     from dense_rl.config.preflight import (
+        check_family_settings,
         check_lora_file,
         check_memory,
         check_target_modules,
@@ -107,7 +108,9 @@ def preflight(config: Config, run_uri: str, resuming: bool) -> None:
         run.check_writable()
     except PermissionError as error:
         raise ConfigError(str(error)) from None
-    check_target_modules(config, model_folder(config))  # the model is on disk (never downloaded), LoRA fits it
+    folder = model_folder(config)  # the model is on disk (never downloaded)
+    check_target_modules(config, folder)
+    check_family_settings(config, folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,23 +125,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    if args.in_process:
-        from dense_rl.config import RunFailed
-        from dense_rl.training.trainer import train
-
-        try:
-            history = train(config, show_progress=not args.quiet)
-        except RunFailed as error:  # e.g. an epoch with no finite reward, as in the Ray system
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        print(f"in-process run done: reward {history[0]['reward_mean']:.4f} -> {history[-1]['reward_mean']:.4f}")
-        return 0
-
     from dense_rl.config import RunFailed
-    from dense_rl.system.session import run_system
+    from dense_rl.run.heldout import BEST
+    from dense_rl.run.storage import RunDir
 
     try:
-        history = run_system(config, run_uri, show_progress=not args.quiet, verbose=args.verbose)
+        if args.in_process:  # the same run directory, without Ray
+            from dense_rl.training.trainer import train
+
+            history = train(config, run_uri=run_uri, show_progress=not args.quiet)
+        else:
+            from dense_rl.system.session import run_system
+
+            history = run_system(config, run_uri, show_progress=not args.quiet, verbose=args.verbose)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -147,8 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if history:
         first, last = history[0], history[-1]
+        if last.get("stopped_by"):
+            print(f"stopped: {last['stopped_by']}")
         print(f"done: {run_uri}  reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f} "
               f"over {last['samples_seen']} samples; see reward_curve.png and images/")
+        best = RunDir(run_uri).read_json(BEST) if RunDir(run_uri).exists(BEST) else None
+        if best is not None:
+            print(f"best checkpoint (every guard satisfied, highest held-out reward): {run_uri}/{best['checkpoint']}")
     return 0
 
 

@@ -27,7 +27,7 @@ def age(seconds: float) -> str:
 
 
 def list_lines(records: list[dict], now: float) -> list[str]:
-    header = f"{'NAME':24} {'STATUS':9} {'EPOCH':>9} {'VERSION':>7} {'REWARD':>9} {'HEARTBEAT':>10}  CHECKPOINT"
+    header = f"{'NAME':24} {'STATUS':9} {'EPOCH':>9} {'VERSION':>7} {'REWARD':>9} {'HEARTBEAT':>10}  CHECKPOINT  (BEST)"
     lines = [header]
     for r in records:  # .get: a record written by an older or newer dense_rl may lack a field
         reward = (r.get("metrics") or {}).get("reward_mean")
@@ -36,6 +36,7 @@ def list_lines(records: list[dict], now: float) -> list[str]:
             f"{r['name']:24} {r.get('status', '?'):9} {r.get('epoch', '?'):>4}/{r.get('num_epochs', '?'):<4} "
             f"{r.get('policy_version', '?'):>7} {'-' if reward is None else format(reward, '.4f'):>9} "
             f"{'-' if heartbeat is None else age(now - heartbeat):>10}  {r.get('checkpoint') or '-'}"
+            + (f"  (best: {r['best']})" if r.get("best") else "")
         )
     return lines
 

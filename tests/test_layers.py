@@ -8,7 +8,7 @@ from support.imports import find_cycle, import_graph, modules
 # Bottom to top. A module may import its own package and the layers below it; a command, anything.
 LAYERS = ["dense_rl", "dense_rl.models", "dense_rl.algo", "dense_rl.rewards", "dense_rl.config",
           "dense_rl.diffusion", "dense_rl.run", "dense_rl.training", "dense_rl.system"]
-COMMANDS = ["dense_rl.launch", "dense_rl.evaluate", "dense_rl.runs", "dense_rl.bench", "dense_rl.models.tiny.train"]
+COMMANDS = ["dense_rl.launch", "dense_rl.evaluate", "dense_rl.export", "dense_rl.runs", "dense_rl.bench", "dense_rl.models.tiny.train"]
 
 
 def layer_of(module: str) -> int:

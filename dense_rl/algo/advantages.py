@@ -63,27 +63,31 @@ def compute_step_advantages(
     window_size: int = 1,
     advantages: str = "per_prompt",
     group_std: bool = True,
+    trained_steps: range | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Advantages [B, T] float32 for every denoising step, and an info dict of scalars.
 
     1. A = normalised final reward, clipped to +-adv_clip_max.
     2. Without ``step_weights`` (a credit mode without step credit, DDPO): A on every step. With them
        (the mode's weights [B, T], dense_rl.algo.credit): step rewards r = shape_step_rewards(A,
-       weights, temporal_alpha), normalised again and clipped.
+       weights, temporal_alpha), normalised again and clipped. The second stage's statistics are taken
+       over ``trained_steps`` only (default: every step), so that a window of trained steps
+       (``sample.sde_window``, ``train.step_window``) gets advantages of the same scale wherever it sits;
+       the other steps, never trained, get 0.
 
     ``advantages`` picks the normaliser of both stages:
 
     - ``"per_prompt"`` (default): ``reward_tracker`` and ``step_tracker`` (per prompt, over a buffer
       of recent epochs; see ``PerPromptStatTracker``). ``group_std`` is ignored.
     - ``"group"`` (GRPO): within each prompt's group, i.e. every sample of that prompt in this call
-      (one call = one epoch). Stage 1: A = (r - mean_g) / (std_g + 1e-6); stage 2 does the same over
-      the group's rows x steps of shaped step rewards. ``group_std=False`` subtracts the mean only.
-      std is the population std (ddof=0), as in Flow-GRPO: its ``PerPromptStatTracker.update``
-      (flow_grpo/stat_tracking.py, yifan123/flow_grpo) uses ``np.std`` (ddof=0) + 1e-4 over the
-      prompt's rewards, and ``scripts/train_sd3.py`` calls ``stat_tracker.clear()`` after every epoch,
-      so its group is that epoch's samples of the prompt. Differences: the eps here is 1e-6, the
-      project's tracker eps; and Flow-GRPO's SD3.5 presets set ``sample.global_std = True``, dividing
-      by the std of all rewards of the epoch instead of the group's (not offered here).
+      (one call = one epoch). Stage 1: A = (r - mean_g) / (std_g + 1e-4); stage 2 does the same over
+      the group's rows x trained steps of shaped step rewards. ``group_std=False`` subtracts the mean
+      only. std is the population std (ddof=0) and eps 1e-4, as in Flow-GRPO: its
+      ``PerPromptStatTracker.update`` (flow_grpo/stat_tracking.py, yifan123/flow_grpo) uses ``np.std``
+      + 1e-4 over the prompt's rewards, and ``scripts/train_sd3.py`` calls ``stat_tracker.clear()``
+      after every epoch, so its group is that epoch's samples of the prompt. One difference: Flow-GRPO's
+      SD3.5 presets set ``sample.global_std = True``, dividing by the std of all rewards of the epoch
+      instead of the group's (not offered here).
       The trackers are not used (and may be None). A group of one sample gets advantage 0 on every
       step: GRPO needs ``sample.samples_per_prompt >= 2`` (config validation checks it).
 
@@ -124,13 +128,16 @@ def compute_step_advantages(
         info.update(_credit_shares(step_weights, window_size))
         step_rewards = shape_step_rewards(trajectory_tensor, step_weights, temporal_alpha)
         step_rewards_np = step_rewards.cpu().double().numpy()
+        columns = slice(None) if trained_steps is None else list(trained_steps)
         if grouped:
-            normalised_steps, _ = group_normalise(prompts, step_rewards_np, use_std=group_std)
+            normalised_steps, _ = group_normalise(prompts, step_rewards_np[:, columns], use_std=group_std)
         else:
-            normalised_steps = step_tracker.update(prompts, step_rewards_np)
-        normalised, step_clip_frac = _clip_with_fraction(normalised_steps, adv_clip_max)
+            normalised_steps = step_tracker.update(prompts, step_rewards_np[:, columns])
+        clipped, step_clip_frac = _clip_with_fraction(normalised_steps, adv_clip_max)
+        normalised = np.zeros(step_rewards_np.shape, dtype=clipped.dtype)
+        normalised[:, columns] = clipped
         step_advantages = torch.as_tensor(normalised, dtype=torch.float32, device=device)
-        info["step_reward_mean"] = float(step_rewards.mean()) if rewards.size else 0.0
+        info["step_reward_mean"] = float(step_rewards[:, columns].mean()) if rewards.size else 0.0
         info["step_adv_clip_frac"] = step_clip_frac
 
     info["step_adv_mean"] = float(step_advantages.mean()) if rewards.size else 0.0

@@ -7,7 +7,9 @@ from collections import deque
 
 import numpy as np
 
-_STD_EPS = 1e-6
+_STD_EPS = 1e-6  # DDPO's tracker
+# Flow-GRPO's (np.std + 1e-4): with 1e-6, two rewards 1e-6 apart would get advantages of +-0.33.
+_GROUP_STD_EPS = 1e-4
 
 
 class PerPromptStatTracker:
@@ -93,7 +95,7 @@ def group_normalise(prompts: list[str], values, *, use_std: bool = True) -> tupl
     """Each prompt's rows normalised within their group (every row of that prompt in this call); float32.
 
     A row is one value (final reward) or T values (step rewards of one trajectory); a group's mean
-    and std are taken over all values of its rows. ``(v - mean) / (std + 1e-6)`` with the population
+    and std are taken over all values of its rows. ``(v - mean) / (std + 1e-4)`` with the population
     std (ddof=0, as ``np.std``), or ``v - mean`` when ``use_std`` is False. A group of one row has no
     baseline to compare with and gets 0. No state is kept between calls.
 
@@ -125,7 +127,7 @@ def group_normalise(prompts: list[str], values, *, use_std: bool = True) -> tupl
             continue  # stays 0
         zero_std += int(np.ptp(group) == 0.0)
         centred = group - group.mean()
-        normalised[mask] = centred / (group.std() + _STD_EPS) if use_std else centred
+        normalised[mask] = centred / (group.std() + _GROUP_STD_EPS) if use_std else centred
     stats = {
         "group_size_mean": float(np.mean(sizes)),
         "group_single_frac": float(np.mean([size == 1 for size in sizes])),

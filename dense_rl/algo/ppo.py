@@ -26,7 +26,7 @@ def ppo_clip_loss(
     All tensors share one shape (typically [B] for one denoising step per row). Returns the scalar
     loss and an info dict of detached 0-d tensors, left on the device so a training step does not
     synchronise: approx_kl = 0.5 * mean((log_probs - old_log_probs)^2), clipfrac = mean(|ratio - 1| >
-    eps), ratio_mean, and importance_weight (its mean; 1 on-policy).
+    eps), ratio_mean, and importance_weight's mean, min and max (1 on-policy).
     """
     if not (log_probs.shape == old_log_probs.shape == advantages.shape):
         raise ValueError(
@@ -60,6 +60,8 @@ def ppo_clip_loss(
             "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean(),
             "ratio_mean": ratio.mean(),
             "importance_weight": importance_weight.mean(),
+            "importance_weight_min": importance_weight.min(),
+            "importance_weight_max": importance_weight.max(),
         }
     return loss, info
 

@@ -5,6 +5,7 @@
     scaling             throughput against the number of rollout actors on the local multi-node cluster
     peer                the peer workload on a local diffusers folder: in-process, Ray sync and async (and the peer's scripts)
     learner-start       starting the learner group: Ray Train's TorchTrainer against plain Ray actors
+    guards              a reward gamed with and without a guard on an unseen held-out reward
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ BENCHMARKS = {
     "scaling": "dense_rl.bench.scaling",
     "peer": "dense_rl.bench.peer",
     "learner-start": "dense_rl.bench.learner_start",
+    "guards": "dense_rl.bench.guards",
 }
 
 

@@ -26,7 +26,7 @@ METHODS = {"ddpo": "sparse", "uca": "uniform", "coca": "coca", "reward_gain": "r
 RUN_SETTINGS = ("config", "overrides", "epochs", "samples_per_epoch", "num_steps", "window_size", "heldout",
                 "heldout_prompts", "unseen_reward", "eval_seed", "quick")
 # Per-epoch metrics of loop.train kept in a run file (when the loop reports them).
-PER_EPOCH = ("reward_mean", "reward_std", "approx_kl", "epoch_seconds", "seconds_sample", "seconds_score",
+PER_EPOCH = ("reward_mean", "reward_std", "learner_approx_kl", "epoch_seconds", "seconds_sample", "seconds_score",
              "seconds_advantages", "seconds_update", "credit_fallbacks")
 # Per-epoch lists of T floats (the credit profile): absent for sparse credit, or from an older loop.
 PROFILE = ("step_weight_mean_per_step", "step_weight_std_per_step", "cosine_mean_per_step")

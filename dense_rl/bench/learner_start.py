@@ -1,15 +1,15 @@
 """`python -m dense_rl.bench learner-start`: what starting the learner group costs through Ray Train,
-against plain Ray actors doing the same work.
+against plain Ray actors doing the same work (the regression benchmark for the group's start).
 
-A run's start on a small machine is CPU-bound (docs/benchmarks.md, "Where a run's start goes"), and
-the learner group is its largest part. Each repeat starts a fresh private Ray instance and measures,
-from asking for a group of `--ranks` ranks until every rank is ready (has imported what a learner
-rank imports, built the tiny policy and done one all-reduce over gloo):
+A run's start on a small machine is CPU-bound (docs/benchmarks.md), and the learner group is its
+largest part. Each repeat starts a fresh private Ray instance and measures, from asking for a group
+of `--ranks` ranks until every rank is ready (has imported what a learner rank imports, built the
+tiny policy and done one all-reduce over gloo):
 
-- `ray-train`: Ray Train's TorchTrainer, as the learner group started until 2026-12-06 (its controller,
-  the controller's helper actors, the worker group and the process group it sets up);
-- `plain-actors`: as many plain Ray actors that set up torch.distributed themselves, as
-  roles/learner.py's LearnerRank does now.
+- `ray-train`: Ray Train's TorchTrainer, as dense_rl/system/roles/learner.py starts the learner group
+  (its controller, the controller's helper actors, the worker group and the process group it sets up);
+- `plain-actors`: as many plain Ray actors that set up torch.distributed themselves, the lighter
+  alternative it is measured against.
 
 It prints the seconds to ready, the machine's CPU-seconds spent meanwhile (everything running, the Ray
 instance included, so run it on an idle machine; for ray-train until `fit()` returns, so the group's
@@ -80,9 +80,13 @@ def start_plain_actors(ranks: int, cpus: float) -> float:
     @ray.remote
     class Rank:
         def address(self) -> str:
-            from dense_rl.system.roles.learner import rendezvous_address
+            """The process group's init_method: this node's Ray IP and a port free now."""
+            import socket
 
-            return rendezvous_address()
+            with socket.socket() as probe:
+                probe.bind(("", 0))
+                port = probe.getsockname()[1]
+            return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
         def ready(self, rank: int, world_size: int, address: str) -> float:
             import torch.distributed as dist
@@ -157,7 +161,6 @@ def main(argv: list[str]) -> int:
     if args.ranks < 1 or args.repeats < 1:
         parser.error("--ranks and --repeats must be >= 1")
     ray_workers_at_normal_priority()
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # off, as the learner had it: one process less
     report = Report("learner-start", args.out, {"ranks": args.ranks, "repeats": args.repeats, "settle_seconds": args.settle_seconds})
     rows = []
     for repeat in range(args.repeats):

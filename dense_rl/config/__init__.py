@@ -10,9 +10,12 @@
 
 from dense_rl.config.errors import ConfigError, RunFailed
 from dense_rl.config.schema import (
+    CheckpointConfig,
     ClusterConfig,
     Config,
     CreditConfig,
+    EvaluationConfig,
+    GuardConfig,
     LoraConfig,
     ModelConfig,
     RewardSpec,
@@ -23,5 +26,5 @@ from dense_rl.config.schema import (
     validate,
 )
 
-__all__ = ["ClusterConfig", "Config", "ConfigError", "CreditConfig", "LoraConfig", "ModelConfig", "RewardSpec",
+__all__ = ["CheckpointConfig", "ClusterConfig", "Config", "ConfigError", "CreditConfig", "EvaluationConfig", "GuardConfig", "LoraConfig", "ModelConfig", "RewardSpec",
            "RunConfig", "RunFailed", "SampleConfig", "TrainConfig", "load_config", "validate"]

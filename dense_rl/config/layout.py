@@ -64,6 +64,16 @@ def fit_layout(config: Config, cluster_cpus: float) -> ClusterConfig:
     )
 
 
+def learner_scaling(cluster: ClusterConfig) -> dict:
+    """Ray Train's ScalingConfig for the learner group of a placed layout, as keyword arguments: one
+    worker per rank, each asking for its CPUs, its GPU share and the learner's custom resource."""
+    resources = {"CPU": cluster.learner_cpus, **cluster.custom_resources("learner")}
+    if cluster.learner_gpus > 0:
+        resources["GPU"] = cluster.learner_gpus
+    return dict(num_workers=cluster.num_learner_workers, use_gpu=cluster.learner_gpus > 0,
+                resources_per_worker=resources, placement_strategy=cluster.learner_placement)
+
+
 def describe_layout(cluster: ClusterConfig, cluster_cpus: float) -> str:
     """One line for the log: what runs where, and how to change it."""
     return (f"layout for {cluster_cpus:g} CPUs: {cluster.num_rollout_workers} rollout x {cluster.threads('rollout')} thread(s), "

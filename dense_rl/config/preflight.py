@@ -249,6 +249,15 @@ def check_target_modules(config: Config, folder: Path) -> None:
                               f"layers LoRA can adapt are named e.g. {', '.join(examples[:10])}")
 
 
+def check_family_settings(config: Config, folder: Path) -> None:
+    """Settings that belong to one sampler family, on a model of the other (the family is the folder's
+    pipeline class: a DDIM UNet or a flow transformer)."""
+    prefix, _ = _denoiser_config(folder)
+    if config.train.kl_form == "flow_grpo" and prefix == "unet":
+        raise ConfigError(f"train.kl_form: flow_grpo is Flow-GRPO's KL for flow-matching models, and "
+                          f"{config.model.pretrained} is a DDIM UNet; use exact")
+
+
 def _short_names(names) -> list[str]:
     """Module names as target_modules entries: the last part (to_q), with its parent when it is an
     index (to_out.0); each once, the most frequent (the attention projections) first."""

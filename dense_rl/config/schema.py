@@ -90,8 +90,49 @@ class TrainConfig:
     clip_range: float = 1e-3  # the paper uses 1e-4 on SD 1.5 (configs/sd15-*.yaml)
     adv_clip_max: float = 5.0
     max_grad_norm: float = 1.0
-    timestep_fraction: float = 1.0
+    timestep_fraction: float = 1.0  # each trajectory trains a random subset of this share of its trained steps
+    # [start, stop) of the steps trained, within sample.sde_window; empty: every stochastic step. Flow-GRPO
+    # samples all 10 steps with the SDE and trains the first 9 ([0, 9]).
+    step_window: list[int] = field(default_factory=list)
     kl_beta: float = 0.0  # KL to the reference policy (LoRA disabled); 0 = off
+    # exact: the Gaussian KL of each step, (mean - mean_ref)^2 / (2 std^2); flow_grpo: Flow-GRPO's form for
+    # flow models, divided by the SDE's std_dev_t^2 instead of the step's variance std_dev_t^2 * |dt|
+    # (docs/algorithm.md, "The KL to the reference").
+    kl_form: str = "exact"
+
+
+@dataclass
+class EvaluationConfig:
+    """Held-out evaluation during training (every `every_epochs` epochs, and the base model once) and the
+    sampling of every evaluation, `python -m dense_rl.evaluate` too: fixed prompts, fixed noise."""
+
+    every_epochs: int = 0  # 0: no held-out evaluation during training
+    prompts: str = "embedded:tiny_heldout"  # "embedded:NAME" or a text file of held-out prompts
+    max_prompts: int | None = None  # the first N of them; None: all
+    samples_per_prompt: int = 1
+    # Scored besides the trained rewards: NAME, or NAME=PATH for one that loads weights (as `evaluate --rewards`).
+    rewards: list[str] = field(default_factory=list)
+    batch_size: int = 16  # images per rollout call
+    seed: int = 1234  # batch b of the held-out set is sampled with noise seed + b, for every policy
+    num_steps: int | None = None  # None: sample.num_steps
+    guidance_scale: float | None = None  # None: sample.guidance_scale
+    # auto: deterministic (ODE) steps for flow models, as Flow-GRPO evaluates, and the training sampler
+    # (DDIM at sample.eta) for DDIM models; sde: the training sampler; ode: deterministic steps.
+    sampler: str = "auto"
+
+
+@dataclass
+class GuardConfig:
+    """A rule on a held-out reward (a trained one, one of evaluation.rewards, or `trained`: the weighted
+    sum of the trained rewards) or an image monitor (image_brightness, image_saturation, image_contrast,
+    image_diversity), checked at every held-out evaluation. One of max_drop (below the base model's
+    score), min or max."""
+
+    metric: str = ""
+    max_drop: float | None = None
+    min: float | None = None
+    max: float | None = None
+    action: str = "warn"  # warn: log it; stop: end the run after this epoch, naming the guard
 
 
 @dataclass
@@ -101,6 +142,14 @@ class RunConfig:
     num_epochs: int = 12
     seed: int = 0
     save_every: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    # Checkpoint folders of a session kept in the run directory (Ray Train's CheckpointConfig.num_to_keep):
+    # the newest ones, which always include the one latest.json names. At least 2: the newest is written
+    # before the driver completes it, and until then latest.json names the one before.
+    keep: int = 3
 
 
 @dataclass
@@ -135,6 +184,9 @@ class ClusterConfig:
     rollout_resource: str = ""
     reward_resource: str = ""
     learner_resource: str = ""
+    # How Ray Train places the learner workers' bundles: PACK (as few nodes as possible), SPREAD,
+    # STRICT_PACK (one node) or STRICT_SPREAD (one node each).
+    learner_placement: str = "PACK"
 
     @property
     def is_placed(self) -> bool:
@@ -176,7 +228,10 @@ class Config:
     credit: CreditConfig = field(default_factory=CreditConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    guards: list[GuardConfig] = field(default_factory=list)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -285,6 +340,48 @@ def _require(condition: bool, field_name: str, message: str) -> None:
         raise ConfigError(f"{field_name}: {message}")
 
 
+IMAGE_MONITORS = ("image_brightness", "image_saturation", "image_contrast", "image_diversity")
+
+
+def _validate_heldout(config: Config) -> None:
+    """The held-out evaluation and the guards on it."""
+    from dense_rl.rewards import REWARD_NAMES
+
+    evaluation, run = config.evaluation, config.run
+    _require(evaluation.every_epochs >= 0, "evaluation.every_epochs", f"must be >= 0 (0: off), got {evaluation.every_epochs}")
+    _require(evaluation.every_epochs <= run.num_epochs, "evaluation.every_epochs",
+             f"{evaluation.every_epochs} is longer than the run (run.num_epochs={run.num_epochs}); evaluate at least once")
+    _require(evaluation.samples_per_prompt >= 1, "evaluation.samples_per_prompt",
+             f"must be >= 1, got {evaluation.samples_per_prompt}")
+    _require(evaluation.max_prompts is None or evaluation.max_prompts >= 1, "evaluation.max_prompts",
+             f"must be >= 1, or null for all, got {evaluation.max_prompts}")
+    _require(evaluation.batch_size >= 1, "evaluation.batch_size", f"must be >= 1, got {evaluation.batch_size}")
+    _require(not evaluation.every_epochs or evaluation.prompts.startswith("embedded:") or Path(evaluation.prompts).is_file(),
+             "evaluation.prompts", f"file {evaluation.prompts!r} does not exist; give a text file of held-out prompts "
+             "or embedded:tiny_heldout")
+    extra = [text.partition("=")[0] for text in evaluation.rewards]
+    for i, name in enumerate(extra):
+        _require(name in REWARD_NAMES, f"evaluation.rewards[{i}]",
+                 f"unknown reward {name!r}; choose one of {', '.join(sorted(REWARD_NAMES))}")
+    _require(len(set(extra)) == len(extra), "evaluation.rewards", f"a reward is listed twice in {extra}; list each once")
+    metrics = {spec.name for spec in config.rewards} | set(extra) | {"trained"} | set(IMAGE_MONITORS)
+    for i, guard in enumerate(config.guards):
+        where = f"guards[{i}]"
+        _require(guard.metric in metrics, f"{where}.metric",
+                 f"unknown metric {guard.metric!r}; guard a trained reward, one of evaluation.rewards, trained or "
+                 f"an image monitor: {', '.join(sorted(metrics))}")
+        rules = [name for name in ("max_drop", "min", "max") if getattr(guard, name) is not None]
+        _require(len(rules) == 1, where, f"give exactly one of max_drop, min or max, got {rules or 'none'}")
+        _require(guard.max_drop is None or guard.max_drop >= 0, f"{where}.max_drop",
+                 f"must be >= 0 (how far the metric may fall below the base model's), got {guard.max_drop}")
+        _require(guard.action in ("warn", "stop"), f"{where}.action", f"{guard.action!r} is not warn or stop")
+        _require(evaluation.every_epochs >= 1, "evaluation.every_epochs",
+                 f"guards[{i}] is checked at held-out evaluations; set evaluation.every_epochs >= 1")
+        _require(guard.metric != "image_diversity" or evaluation.samples_per_prompt >= 2,
+                 "evaluation.samples_per_prompt", f"guards[{i}] watches image_diversity, which compares the samples "
+                 "of each prompt: set it >= 2")
+
+
 def validate(config: Config) -> None:
     """Every cross-field rule lives here, so a bad config fails before anything expensive starts."""
     from dense_rl.algo.advantages import ADVANTAGE_MODES
@@ -365,6 +462,23 @@ def validate(config: Config) -> None:
     _require(train.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0, got {train.max_grad_norm}")
     _require(0 < train.timestep_fraction <= 1, "train.timestep_fraction", f"must be in (0, 1], got {train.timestep_fraction}")
     _require(train.kl_beta >= 0, "train.kl_beta", f"must be >= 0, got {train.kl_beta}")
+    _require(train.kl_form in ("exact", "flow_grpo"), "train.kl_form", f"{train.kl_form!r} is not exact or flow_grpo")
+    stochastic = range(*window) if window else range(sample.num_steps)
+    steps = train.step_window
+    _require(steps == [] or (len(steps) == 2 and 0 <= steps[0] < steps[1] <= sample.num_steps), "train.step_window",
+             f"{steps} must be [] (every stochastic step) or [start, stop] with 0 <= start < stop <= sample.num_steps="
+             f"{sample.num_steps}")
+    _require(steps == [] or len(range(max(steps[0], stochastic.start), min(steps[1], stochastic.stop))) > 0,
+             "train.step_window", f"{steps} trains none of the stochastic steps sample.sde_window={window}; overlap them")
+
+    evaluation = config.evaluation
+    _require(evaluation.num_steps is None or evaluation.num_steps >= 1, "evaluation.num_steps",
+             f"must be >= 1, or null for sample.num_steps, got {evaluation.num_steps}")
+    _require(evaluation.guidance_scale is None or evaluation.guidance_scale >= 1.0, "evaluation.guidance_scale",
+             f"must be >= 1, or null for sample.guidance_scale, got {evaluation.guidance_scale}")
+    _require(evaluation.sampler in ("auto", "sde", "ode"), "evaluation.sampler",
+             f"{evaluation.sampler!r} is not auto, sde or ode")
+    _validate_heldout(config)
 
     cluster = config.cluster
     for name in ("num_rollout_workers", "num_reward_workers", "num_learner_workers",
@@ -390,6 +504,9 @@ def validate(config: Config) -> None:
                                 and name not in ("CPU", "GPU", "memory", "object_store_memory")),
                  f"cluster.{role}_resource", f"{name!r} must be a custom Ray resource name such as {role!r} "
                  "(letters, digits, _ . -; not CPU/GPU/memory), or empty")
+    placements = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+    _require(cluster.learner_placement in placements, "cluster.learner_placement",
+             f"{cluster.learner_placement!r} is not one of {', '.join(placements)}")
     on_gpus = cluster.rollout_gpus > 0 and cluster.learner_gpus > 0
     _require(model.device == "cpu" or on_gpus, "model.device",
              "cuda needs cluster.rollout_gpus > 0 and cluster.learner_gpus > 0 so the actors are placed on GPUs")
@@ -398,4 +515,6 @@ def validate(config: Config) -> None:
 
     _require(run.num_epochs >= 1, "run.num_epochs", f"must be >= 1, got {run.num_epochs}")
     _require(run.save_every >= 1, "run.save_every", f"must be >= 1, got {run.save_every}")
+    _require(config.checkpoint.keep >= 2, "checkpoint.keep", f"must be >= 2 (the newest checkpoint and the one "
+             f"latest.json names until the newest is complete), got {config.checkpoint.keep}")
     _require("/" not in run.name, "run.name", f"{run.name!r} must be a name, not a path; use run.output_dir for the folder")

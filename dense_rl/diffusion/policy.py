@@ -63,6 +63,15 @@ class StepPolicy:
         timesteps = self.scheduler.timesteps
         return timesteps[torch.as_tensor(step_index, device=timesteps.device)]
 
+    def step_size(self, step_index) -> torch.Tensor:
+        """|dt| = sigma_k - sigma_{k+1} of each flow step (one per row of `step_index`): the time the SDE
+        integrates over, whose std is std_dev_t * sqrt(|dt|)."""
+        if not self.is_flow:
+            raise ValueError("the step size dt is the flow sampler's; DDIM steps have none")
+        k = torch.as_tensor(step_index)
+        sigmas = self.scheduler.sigmas.to(device=k.device, dtype=torch.float32)
+        return sigmas[k] - sigmas[k + 1]
+
     def distribution(self, model_output, step_index, sample, *, stochastic: bool = True, validate: bool = True):
         """(mean, std, x0) of the step from `sample`; with stochastic=False the std is 0 and the
         mean is the ODE step."""

@@ -36,6 +36,15 @@ class PromptEmbeds:
 
 
 
+def trained_step_range(num_steps: int, sde_window, step_window) -> range:
+    """The steps PPO trains: the stochastic ones (`sample.sde_window`, [start, stop); empty or None: all)
+    within `train.step_window` (the same form)."""
+    start, stop = sde_window or (0, num_steps)
+    if step_window:
+        start, stop = max(start, step_window[0]), min(stop, step_window[1])
+    return range(start, stop)
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Float RGB images in [0, 1] -> uint8, as a saved PNG would hold them (a quarter of the bytes)."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -50,7 +59,9 @@ class RewardInputs:
     images: torch.Tensor  # uint8 [B, 3, H, W]
     cosines: torch.Tensor  # [B, T] float32: cos(x0_pred at step k, final sample)
     policy_version: int = 0
-    boundary_images: torch.Tensor | None = None  # uint8 [B, J, 3, H, W]: x0_pred decoded at steps 0, w, 2w, ...
+    boundary_images: torch.Tensor | None = None  # uint8 [B, J, 3, H, W]: the image at each window boundary
+    boundary_model_calls: int = 0  # what making them cost the rollout: denoiser calls per trajectory
+    boundary_seconds: float = 0.0  # and seconds, for the whole batch
 
     @staticmethod
     def as_float(images: torch.Tensor) -> torch.Tensor:
@@ -86,7 +97,10 @@ class Trajectories:
     pooled_prompt_embeds: torch.Tensor | None = None
     negative_pooled_prompt_embeds: torch.Tensor | None = None
     sde_window: tuple[int, int] | None = None  # None: every step
-    boundary_images: torch.Tensor | None = None  # [B, J, 3, H', W'] float32, only for reward_gain credit
+    boundary_images: torch.Tensor | None = None  # [B, J, 3, H', W'] float32, for credit modes that score boundaries
+    # What the boundary images cost the rollout: denoiser calls per trajectory (ODE completions) and seconds.
+    boundary_model_calls: int = 0
+    boundary_seconds: float = 0.0
 
     # Fields with one value for the whole batch, not one per row.
     SHARED = ("timesteps", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
@@ -104,8 +118,8 @@ class Trajectories:
         return self.latents[:, -1]
 
     @property
-    def trained_steps(self) -> range:
-        """The steps with log-probs, which PPO trains."""
+    def stochastic_steps(self) -> range:
+        """The steps with log-probs (`sde_window`), which PPO may train."""
         start, stop = self.sde_window or (0, self.num_steps)
         return range(start, stop)
 
@@ -116,7 +130,8 @@ class Trajectories:
     def for_reward(self) -> RewardInputs:
         """What the reward role reads: 8-bit images, the cosine curve, boundary images if any."""
         return RewardInputs(list(self.prompts), to_uint8(self.images), self.cosines, self.policy_version,
-                            None if self.boundary_images is None else to_uint8(self.boundary_images))
+                            None if self.boundary_images is None else to_uint8(self.boundary_images),
+                            self.boundary_model_calls, self.boundary_seconds)
 
     def embeds(self, rows, device, dtype) -> tuple[PromptEmbeds, PromptEmbeds | None]:
         """The prompt (and negative prompt) embeddings of `rows`, on `device` in `dtype`."""
@@ -161,6 +176,10 @@ class Trajectories:
                 values[f.name] = getattr(first, f.name)  # one run, one negative prompt: the same for every batch
             elif f.name == "policy_version":
                 values[f.name] = min(parts)
+            elif f.name == "boundary_model_calls":  # per trajectory: the same in every batch
+                values[f.name] = first.boundary_model_calls
+            elif f.name == "boundary_seconds":
+                values[f.name] = sum(parts)
             elif parts[0] is None:
                 values[f.name] = None
             else:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from dense_rl.algo.normalisers import PerPromptStatTracker
-from dense_rl.config import Config, TrainConfig
-from dense_rl.run.storage import RunDir
+from dense_rl.config import Config, RunConfig, TrainConfig
+from dense_rl.run.storage import CHECKPOINTS, RunDir
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # == dense_rl.diffusion.lora.LORA_FILE, the name diffusers looks for
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -42,6 +43,30 @@ def checkpoint_name(version: int) -> str:
 def checkpoint_version(path: str) -> int:
     """.../epoch-000k -> k."""
     return int(path.rstrip("/").rsplit("/", 1)[-1].removeprefix("epoch-"))
+
+
+def session_name(start_version: int) -> str:
+    """The name of one session of a run (its first start, or a resume from version k), whose checkpoints
+    are CHECKPOINTS/<name>/epoch-NNNN: a resumed run never overwrites the checkpoints of an earlier session."""
+    return f"from-epoch-{start_version:04d}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def session_folder(start_version: int) -> str:
+    """The checkpoint folder of a new session, relative to the run."""
+    return f"{CHECKPOINTS}/{session_name(start_version)}"
+
+
+def keep_newest(run: RunDir, session: str, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints of a session (`session`: its folder relative to the
+    run), as Ray Train's CheckpointConfig(num_to_keep) does for the Ray system's learner group."""
+    versions = sorted(checkpoint_version(name) for name in run.list_folders(session) if name.startswith("epoch-"))
+    for version in versions[:-keep]:
+        run.delete_folder(f"{session}/{checkpoint_name(version)}")
+
+
+def checkpoint_due(version: int, run: RunConfig) -> bool:
+    """Whether policy version `version` is saved: every run.save_every versions, and the last."""
+    return version % run.save_every == 0 or version == run.num_epochs
 
 
 # ---------------------------------------------------------------------- driver state

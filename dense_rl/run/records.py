@@ -11,41 +11,49 @@ from dense_rl.run.plots import image_grid_png, reward_curve_png
 from dense_rl.run.storage import CONFIG_FILE, CONFIG_HISTORY, RunDir
 
 
+def epoch_metrics(epoch: int, state, scored, advantage_info: dict, learner_metrics: dict, timings: dict) -> dict:
+    """The row of metrics.parquet for one epoch: rewards of its scored batches (`ScoredBatch`), their
+    credit and advantage statistics, the learner's metrics (`learner_*`) and the stage timings (`seconds_*`)."""
+    import torch
+
+    every = torch.cat([b.scores.rewards for b in scored])
+    rewards = every[torch.isfinite(every)]  # NaN/inf ones were dropped from the update (bad_rewards)
+    advantage_info = dict(advantage_info)
+    bad_rewards = int(advantage_info.pop("bad_rewards", 0))
+    epoch_seconds = sum(timings.values())
+    metrics = {
+        "epoch": epoch,
+        "policy_version": epoch + 1,
+        "samples_seen": state.samples_seen,
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "reward_min": float(rewards.min()),
+        "reward_max": float(rewards.max()),
+        "bad_rewards": bad_rewards,
+        "credit_fallbacks": sum(b.scores.num_fallbacks for b in scored),
+        "epoch_seconds": epoch_seconds,
+        "samples_per_second": len(every) / max(epoch_seconds, 1e-9),
+        **{f"seconds_{k}": v for k, v in timings.items()},
+        **{f"adv_{k}" if not k.startswith("adv") else k: float(v) for k, v in advantage_info.items()},
+        **{f"learner_{k}": float(v) for k, v in learner_metrics.items()},
+    }
+    for name in scored[0].scores.components:
+        values = torch.cat([b.scores.components[name] for b in scored])
+        metrics[f"reward_{name}"] = float(values[torch.isfinite(values)].mean())
+    if any(b.scores.boundary_seconds for b in scored):  # what the credit mode's boundary images cost
+        metrics["credit_model_calls_per_sample"] = float(scored[0].scores.boundary_model_calls)
+        metrics["credit_seconds_per_sample"] = sum(b.scores.boundary_seconds for b in scored) / len(every)
+    for name in scored[0].monitors:  # image monitors: each batch's, averaged (batches are of one size)
+        metrics[name] = sum(b.monitors[name] for b in scored) / len(scored)
+    return metrics
+
+
 class RunRecorder:
     def __init__(self, run: RunDir, config: Config):
         self.run = run
         self.config = config
 
     # ------------------------------------------------------------------ per epoch
-
-    def epoch_metrics(self, epoch, state, scored, advantage_info, learner_metrics, timings) -> dict:
-        import torch
-
-        every = torch.cat([b.scores.rewards for b in scored])
-        rewards = every[torch.isfinite(every)]  # NaN/inf ones were dropped from the update (bad_rewards)
-        advantage_info = dict(advantage_info)
-        bad_rewards = int(advantage_info.pop("bad_rewards", 0))
-        epoch_seconds = sum(timings.values())
-        metrics = {
-            "epoch": epoch,
-            "policy_version": epoch + 1,
-            "samples_seen": state.samples_seen,
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()),
-            "reward_min": float(rewards.min()),
-            "reward_max": float(rewards.max()),
-            "bad_rewards": bad_rewards,
-            "credit_fallbacks": sum(b.scores.num_fallbacks for b in scored),
-            "epoch_seconds": epoch_seconds,
-            "samples_per_second": len(every) / max(epoch_seconds, 1e-9),
-            **{f"seconds_{k}": v for k, v in timings.items()},
-            **{f"adv_{k}" if not k.startswith("adv") else k: float(v) for k, v in advantage_info.items()},
-            **{f"learner_{k}": float(v) for k, v in learner_metrics.items()},
-        }
-        for name in scored[0].scores.components:
-            values = torch.cat([b.scores.components[name] for b in scored])
-            metrics[f"reward_{name}"] = float(values[torch.isfinite(values)].mean())
-        return metrics
 
     @staticmethod
     def epoch_line(metrics: dict) -> str:
@@ -82,6 +90,10 @@ class RunRecorder:
         ))
         if checkpoint is not None:  # the learner has written its files; the driver's state completes it
             complete_checkpoint(run, checkpoint, state)
+
+    def record_heldout_images(self, epoch: int, images) -> None:
+        """The held-out evaluation's first samples after `epoch`, beside the epoch's training grid."""
+        self.run.write_bytes(f"images/heldout-epoch-{epoch:04d}.png", image_grid_png(images))
 
     def write_config(self, start_epoch: int) -> None:
         """This session's config: config.yaml (the newest, which --resume reads as its base) and one more

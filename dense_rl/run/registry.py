@@ -26,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dense_rl.config import Config, ConfigError
 from dense_rl.run.checkpoints import latest_checkpoint
+from dense_rl.run.heldout import read_best
 from dense_rl.run.storage import RunDir
 
 log = logging.getLogger("dense_rl")
@@ -225,27 +226,36 @@ class RunTracker:
         while not self.stopped.wait(self.heartbeat_s):
             self.flush()
 
+    def record_epoch(self, run: RunDir, metrics: dict) -> None:
+        """The epoch just recorded in `run`, its newest checkpoint and its best one (best.json)."""
+        latest, best = latest_checkpoint(run), read_best(run)
+        root = self.record["run_uri"].rstrip("/")
+        with self.write_lock:
+            self.record.update(
+                epoch=metrics["epoch"] + 1, policy_version=metrics["policy_version"], metrics=dict(metrics),
+                checkpoint=None if latest is None else f"{root}/{latest['path']}",
+                best=None if best is None else f"{root}/{best['checkpoint']}",
+            )
+        self.flush()
+
     def on_epoch(self, then=None):
         """A Driver.run on_epoch callback that records the epoch, then calls `then(driver, metrics)`."""
 
         def record_epoch(driver, metrics: dict) -> None:
-            latest = latest_checkpoint(driver.recorder.run)
-            with self.write_lock:
-                self.record.update(
-                    epoch=metrics["epoch"] + 1, policy_version=metrics["policy_version"], metrics=dict(metrics),
-                    checkpoint=None if latest is None else f"{self.record['run_uri'].rstrip('/')}/{latest['path']}",
-                )
-            self.flush()
+            self.record_epoch(driver.recorder.run, metrics)
             if then is not None:
                 then(driver, metrics)
 
         return record_epoch
 
-    def finish(self, status: str, error: BaseException | None = None) -> None:
-        """Final status ("finished" or "failed"); a last try to write it."""
+    def finish(self, status: str, error: BaseException | None = None, message: str | None = None) -> None:
+        """Final status ("finished", "stopped" by a guard, with its line as `message`, or "failed"); a last
+        try to write it."""
         self.stopped.set()
         self.thread.join(timeout=self.heartbeat_s + 5)
         with self.write_lock:
             self.record["status"] = status
             self.record["error"] = None if error is None else f"{type(error).__name__}: {error}"[:500]
+            if message is not None:
+                self.record["stopped_by"] = message
         self.flush()

@@ -77,6 +77,14 @@ class RunDir:
         with self.fs.open_input_stream(self.path(relative)) as stream:
             return stream.read()
 
+    def list_folders(self, relative: str) -> list[str]:
+        """Names of the folders directly in folder `relative` (none if it is missing), sorted."""
+        selector = pafs.FileSelector(self.path(relative), allow_not_found=True)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.Directory)
+
+    def delete_folder(self, relative: str) -> None:
+        self.fs.delete_dir(self.path(relative))
+
     def check_writable(self) -> None:
         """Fail early, naming the run directory, if nothing can be written there."""
         try:
@@ -106,8 +114,11 @@ class RunDir:
         return load_safetensors(data), json.loads(data[8 : 8 + header_size]).get("__metadata__", {})
 
     def write_table(self, relative: str, rows: list[dict]) -> None:
+        """Rows as a parquet table whose columns are every key of any row (null where a row lacks it):
+        from_pylist alone takes the columns of the first row only."""
+        columns = list(dict.fromkeys(key for row in rows for key in row))
         buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows), buffer)
+        pq.write_table(pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows]), buffer)
         self.write_bytes(relative, buffer.getvalue())
 
     def read_table(self, relative: str) -> list[dict]:

@@ -25,17 +25,19 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from dense_rl.config import Config
+from dense_rl.config import Config, RunFailed
 from dense_rl.run.checkpoints import DriverState
-from dense_rl.run.records import RunRecorder
+from dense_rl.run.records import RunRecorder, epoch_metrics
+from dense_rl.system.evaluation import HeldoutEvaluation
 from dense_rl.system.messages import RolloutBatch, ScoredBatch
 from dense_rl.system.recovery import Recovery, wait_until_started
 from dense_rl.system.roles.learner import LearnerGroup
 from dense_rl.system.roles.reward import RewardWorker
 from dense_rl.system.roles.rollout import RolloutWorker
 from dense_rl.system.telemetry import DriverMetrics
+from dense_rl.training.guards import HeldoutWatch, Verdict
 from dense_rl.training.prompts import load_prompts
-from dense_rl.training.recipe import epoch_advantages, epoch_batches
+from dense_rl.training.recipe import epoch_advantages, epoch_batches, rows_with_signal
 from dense_rl.training.scoring import finite_rewards
 
 log = logging.getLogger("dense_rl")
@@ -64,15 +66,19 @@ class Driver:
                                  ).remote(config, cluster.threads("reward"))
             for _ in range(cluster.num_reward_workers)
         ]
+        # Started now, so that the learner group's start overlaps the other actors' loading.
+        self.learner = LearnerGroup(config, self.rollout_workers, recorder.run.uri, start_version=state.epoch,
+                                    resume_from=resume_from)
         self._wait_until_started()
         self.recovery = Recovery(self.rollout_workers, self.reward_workers, config, [r.name for r in config.rewards])
         if initial_weights is not None:  # resuming: rollouts start from the checkpoint's LoRA
             self.recovery.set_weights(state.epoch, initial_weights)
             version, weights = self.recovery.weights
             ray.get([w.set_weights.remote(version, weights) for w in self.rollout_workers])
-        self.learner = LearnerGroup(config, self.rollout_workers, recorder.run.uri, start_version=state.epoch,
-                                    resume_from=resume_from)
         self.prometheus = DriverMetrics(config, self.rollout_workers)  # Prometheus, via Ray's metrics agent
+        self.watch = HeldoutWatch(config, recorder.run)  # held-out evaluations, guards, best.json
+        self.heldout = HeldoutEvaluation(config, self.rollout_workers, self.reward_workers) if self.watch.enabled else None
+        self.stopped_by: str | None = None  # the line of the guard that stopped the run
 
     def _wait_until_started(self) -> None:
         """A constructor that fails (a model not on disk, LoRA modules that match nothing, a reward's
@@ -84,6 +90,7 @@ class Driver:
                       "reward": "check rewards[].name and rewards[].path"},
             )
         except BaseException:
+            self.learner.close()
             for actor in self.rollout_workers + self.reward_workers:  # a Ray session shared with others keeps going
                 ray.kill(actor)
             raise
@@ -109,8 +116,9 @@ class Driver:
     def advantages(self, epoch: int, scored: list[ScoredBatch]) -> tuple[torch.Tensor, list[int], dict]:
         """Per-prompt normalisation of rewards, then of the shaped step rewards (both stages here,
         because the trackers must see every sample of the epoch). Samples with a NaN or infinite
-        reward are left out of the update and of the statistics: returns the step advantages of the
-        kept samples, their indices in the epoch, and the info."""
+        reward are left out of the update and of the statistics, and samples whose advantages are all
+        zero out of the update: returns the step advantages of the kept samples, their indices in the
+        epoch, and the info."""
         prompts = [p for batch in scored for p in batch.prompts]
         rewards = torch.cat([batch.scores.rewards for batch in scored])
         weights = None if scored[0].scores.step_weights is None else torch.cat([b.scores.step_weights for b in scored])
@@ -119,8 +127,10 @@ class Driver:
             self.config, self.state.reward_tracker, self.state.step_tracker,
             [p for p, ok in zip(prompts, good.tolist()) if ok], rewards[good], None if weights is None else weights[good],
         )
-        rows = torch.nonzero(good).flatten().tolist()
-        return step_advantages, rows, {**info, "bad_rewards": len(rewards) - len(rows)}
+        signal = rows_with_signal(step_advantages, min_rows=self.config.cluster.num_learner_workers)
+        rows = torch.nonzero(good).flatten()[signal].tolist()
+        info |= {"bad_rewards": len(rewards) - int(good.sum()), "zero_rows": int((~signal).sum())}
+        return step_advantages[signal], rows, info
 
     def refresh_stale(self, epoch: int, batches: list[RolloutBatch], scored: list[ScoredBatch]) -> list[ScoredBatch]:
         """Sample again any batch more than max_policy_lag versions behind the learner: in async mode
@@ -149,6 +159,26 @@ class Driver:
 
         return ask
 
+    def evaluate_base(self) -> None:
+        """The base model's held-out scores, once per model, held-out set and rewards (cached beside the runs)."""
+        if self.heldout is not None and self.watch.base is None:
+            evaluated = HeldoutEvaluation.collect(self.heldout.issue(base=True))
+            if evaluated is None:
+                raise RunFailed("evaluation: the base model's held-out evaluation failed; the guards need it")
+            self.watch.record_base(evaluated[0])
+
+    def check_guards(self, epoch: int, issued) -> Verdict | None:
+        """The held-out evaluation of the policy this epoch made: its rows, grid and telemetry, the guards."""
+        evaluated = HeldoutEvaluation.collect(issued)
+        if evaluated is None:
+            return None
+        scores, preview, seconds = evaluated
+        verdict = self.watch.check(scores, epoch=epoch, policy_version=self.state.epoch, samples=self.state.samples_seen)
+        self.recorder.record_heldout_images(epoch, preview)
+        self.prometheus.heldout_evaluated(verdict.scores, self.state.samples_seen)
+        log.info("held-out evaluation of policy version %d: %.1f s", self.state.epoch, seconds)
+        return verdict
+
     # ------------------------------------------------------------------ the loop
 
     def run(self, show_progress: bool = True, on_epoch=None) -> list[dict]:
@@ -157,6 +187,7 @@ class Driver:
         asynchronous = config.cluster.max_policy_lag >= 1
         bar = tqdm(total=config.run.num_epochs, initial=state.epoch, desc="epochs", unit="epoch",
                    disable=not show_progress, dynamic_ncols=True)
+        self.evaluate_base()
         pending = self.sample(state.epoch) if state.epoch < config.run.num_epochs else None
         try:
             for epoch in range(state.epoch, config.run.num_epochs):
@@ -176,25 +207,34 @@ class Driver:
                     pending = self.sample(epoch + 1)  # overlaps the learner's update
                 result = self.learner.wait(epoch)
                 self.recovery.set_weights(result.version, result.weights[0])
+                # The held-out set goes to the rollouts before the next epoch's batches, on these weights.
+                evaluating = self.heldout.issue(self.recovery.weights) if self.watch.due(result.version) else None
                 if not asynchronous and epoch + 1 < config.run.num_epochs:
                     pending = self.sample(epoch + 1)
                 learned = time.perf_counter()
 
                 state.epoch = epoch + 1
                 state.samples_seen += sum(len(b.prompts) for b in scored)
-                metrics = self.recorder.epoch_metrics(
-                    epoch, state, scored, advantage_info, result.metrics,
-                    timings={"sample_and_score": sampled_and_scored - started, "learn_and_sync": learned - sampled_and_scored},
-                )
+                timings = {"sample_and_score": sampled_and_scored - started, "learn_and_sync": learned - sampled_and_scored}
+                verdict = self.check_guards(epoch, evaluating) if evaluating is not None else None
+                if evaluating is not None:
+                    timings["heldout"] = time.perf_counter() - learned
+                metrics = epoch_metrics(epoch, state, scored, advantage_info, result.metrics, timings=timings)
+                if verdict is not None and verdict.stop:
+                    metrics["stopped_by"] = self.stopped_by = verdict.stop
                 state.history.append(metrics)
                 self.prometheus.epoch_finished(epoch, scored, result.metrics)
                 self.recorder.record_epoch(epoch, state, scored, metrics, checkpoint=result.checkpoint)
+                if verdict is not None:
+                    self.watch.keep_if_best(verdict, result.checkpoint)
                 bar.update(1)
                 bar.set_postfix(samples=state.samples_seen, reward=f"{metrics['reward_mean']:.3f}",
                                 samples_per_s=f"{metrics['samples_per_second']:.1f}")
                 log.info(self.recorder.epoch_line(metrics))
                 if on_epoch is not None:
                     on_epoch(self, metrics)
+                if self.stopped_by is not None:
+                    break
         finally:
             bar.close()
             self.learner.close()

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from dense_rl.training.scoring import Scores
+from dense_rl.training.scoring import ScoredBatch  # the reward role's answer (the in-process trainer makes them too)
+
+__all__ = ["LearnerResult", "RolloutBatch", "ScoredBatch", "Work"]
 
 
 @dataclass
@@ -25,16 +27,6 @@ class RolloutBatch:
     ref: ray.ObjectRef | None = None  # the learner's part (Trajectories.for_learner)
     reward_ref: ray.ObjectRef | None = None  # the reward role's part (RewardInputs)
     reissues: int = 0
-
-
-@dataclass
-class ScoredBatch:
-    """What the driver needs from a batch, without the heavy tensors (those stay in the object store)."""
-
-    prompts: list[str]
-    policy_version: int
-    scores: Scores
-    preview: torch.Tensor  # uint8 [n, 3, H, W]: the first images, for the epoch's grid
 
 
 @dataclass

@@ -93,13 +93,12 @@ def run_system(config: Config, run_uri: str, *, show_progress: bool = True, verb
         recorder.write_config(start_epoch=state.epoch)  # every session: its --set values are kept
         tracker = RunTracker.start(config, run.uri, state)  # the run registry (Redis or the run directory)
         try:
-            history = Driver(config, recorder, state, weights, resume_from=checkpoint).run(
-                show_progress=show_progress, on_epoch=tracker.on_epoch(then=on_epoch)
-            )
+            driver = Driver(config, recorder, state, weights, resume_from=checkpoint)
+            history = driver.run(show_progress=show_progress, on_epoch=tracker.on_epoch(then=on_epoch))
         except BaseException as error:
             tracker.finish("failed", error)
             raise
-        tracker.finish("finished")
+        tracker.finish("stopped" if driver.stopped_by else "finished", message=driver.stopped_by)
         return history
     finally:
         if own_session:

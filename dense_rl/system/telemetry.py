@@ -59,6 +59,10 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "dense_rl_policy_lag_bound": ("gauge", "cluster.max_policy_lag", ()),
     "dense_rl_batches_waiting": ("gauge", "Batches between stages: in rollout, sampled and not yet scored, scored and not yet learned", ("stage",)),
     "dense_rl_epoch_phase_seconds": ("gauge", "The last epoch's duration split into sample / score / learn / sync / other", ("phase",)),
+    "dense_rl_image_monitor": ("gauge", "Image statistics of the last epoch's samples: brightness, saturation, contrast, diversity", ("monitor",)),
+    # driver, at each held-out evaluation
+    "dense_rl_heldout_reward": ("gauge", "Held-out mean of each reward (trained, unseen, `trained`) and image monitor, newest evaluation", ("reward",)),
+    "dense_rl_heldout_samples": ("gauge", "Training samples seen by the policy of the newest held-out evaluation", ()),
 }
 
 
@@ -249,6 +253,9 @@ class DriverMetrics:
         for name in scored[0].scores.components:
             component = torch.cat([b.scores.components[name] for b in scored]).double()
             _set("dense_rl_reward_component", float(component.mean()), _tags("driver", reward=name))
+        for name in scored[0].monitors:
+            _set("dense_rl_image_monitor", sum(b.monitors[name] for b in scored) / len(scored),
+                 _tags("driver", monitor=name.removeprefix("image_")))
         self._credit(scored)
 
         now = time.perf_counter()
@@ -261,6 +268,11 @@ class DriverMetrics:
             _set("dense_rl_epoch_phase_seconds", seconds, _tags("driver", phase=phase))
         _set("dense_rl_epoch", epoch + 1, driver)
         _set("dense_rl_last_progress_timestamp_seconds", time.time(), driver)
+
+    def heldout_evaluated(self, means: dict[str, float], samples: int) -> None:
+        for name, value in means.items():
+            _set("dense_rl_heldout_reward", value, _tags("driver", reward=name))
+        _set("dense_rl_heldout_samples", samples, _tags("driver"))
 
     def _credit(self, scored: list) -> None:
         import torch

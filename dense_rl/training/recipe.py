@@ -16,7 +16,7 @@ from dense_rl.algo.advantages import compute_step_advantages
 from dense_rl.algo.credit import credit_mode
 from dense_rl.algo.normalisers import PerPromptStatTracker
 from dense_rl.config import Config
-from dense_rl.diffusion.trajectories import Trajectories
+from dense_rl.diffusion.trajectories import Trajectories, trained_step_range
 from dense_rl.training.prompts import choose_prompts
 from dense_rl.training.seeds import batch_seed, prompt_rng, update_seed
 
@@ -34,15 +34,26 @@ def sampler_options(config: Config) -> dict:
     """sample_trajectories' keyword arguments for training batches: the sampler settings, and what the
     credit mode needs at the window boundaries."""
     sample, credit = config.sample, config.credit
-    boundaries = credit_mode(credit.mode).boundaries
     return dict(num_steps=sample.num_steps, guidance_scale=sample.guidance_scale, eta=sample.eta,
                 noise_level=sample.sde_noise_level, sde_window=sample.sde_window, negative_prompt=sample.negative_prompt,
-                resolution=sample.resolution, decode_boundaries_every=credit.window_size if boundaries else None)
+                resolution=sample.resolution, boundaries=credit_mode(credit.mode).boundaries,
+                window_size=credit.window_size)
 
 
-def evaluation_sampler_options(config: Config) -> dict:
-    """sample_trajectories' keyword arguments for evaluation samples (held-out prompts, fixed noise)."""
-    return sampler_options(config) | dict(decode_boundaries_every=None)
+def evaluation_sampler_options(config: Config, pipe) -> dict:
+    """sample_trajectories' keyword arguments for evaluation samples (held-out prompts, fixed noise):
+    `evaluation.num_steps` and `guidance_scale`, deterministic steps for `evaluation.sampler: ode`, and
+    for `auto` on a flow model (Flow-GRPO evaluates with the ODE; DDIM keeps its training sampler)."""
+    from dense_rl.diffusion.pipeline import is_flow
+
+    evaluation, sample = config.evaluation, config.sample
+    deterministic = evaluation.sampler == "ode" or (evaluation.sampler == "auto" and is_flow(pipe))
+    num_steps = evaluation.num_steps or sample.num_steps
+    return sampler_options(config) | dict(
+        num_steps=num_steps, boundaries=None, deterministic=deterministic,
+        guidance_scale=sample.guidance_scale if evaluation.guidance_scale is None else evaluation.guidance_scale,
+        # A window of stochastic steps is a training choice; evaluation samples every step alike.
+        sde_window=[] if num_steps != sample.num_steps else sample.sde_window)
 
 
 def sample_batch(pipe, config: Config, prompts: list[str], seed: int, version: int = 0) -> Trajectories:
@@ -63,12 +74,21 @@ def new_trackers(config: Config) -> tuple[PerPromptStatTracker, PerPromptStatTra
 def epoch_advantages(config: Config, reward_tracker, step_tracker, prompts: list[str], rewards: torch.Tensor,
                      step_weights: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
     """Per-step advantages [B, T] of an epoch's kept samples (finite rewards), and their statistics."""
-    credit = config.credit
+    credit, sample = config.credit, config.sample
     return compute_step_advantages(
-        prompts, rewards, step_weights, num_steps=config.sample.num_steps, reward_tracker=reward_tracker,
+        prompts, rewards, step_weights, num_steps=sample.num_steps, reward_tracker=reward_tracker,
         step_tracker=step_tracker, temporal_alpha=credit.temporal_alpha, adv_clip_max=config.train.adv_clip_max,
         window_size=credit.window_size, advantages=credit.advantages, group_std=credit.group_std,
+        trained_steps=trained_step_range(sample.num_steps, sample.sde_window, config.train.step_window),
     )
+
+
+def rows_with_signal(step_advantages: torch.Tensor, min_rows: int) -> torch.Tensor:
+    """Bool mask of the rows to train: those whose advantages are not all zero (a group of ties, or a
+    prompt sampled once, teaches nothing; Flow-GRPO leaves them out too). Every row when fewer than
+    `min_rows` (the learner ranks) would be left."""
+    signal = step_advantages.abs().sum(dim=1) != 0
+    return signal if int(signal.sum()) >= min_rows else torch.ones_like(signal)
 
 
 def update_policy(model, scheduler, optimizer, params, trajectories: Trajectories, step_advantages: torch.Tensor,
@@ -95,4 +115,5 @@ def rescore(model, scheduler, trajectories: Trajectories, config: Config) -> tor
 
     sample = config.sample
     return rescore_trajectories(model, scheduler, trajectories, eta=sample.eta, noise_level=sample.sde_noise_level,
-                                guidance_scale=sample.guidance_scale, batch_size=config.train.batch_size)
+                                guidance_scale=sample.guidance_scale, batch_size=config.train.batch_size,
+                                step_window=config.train.step_window)

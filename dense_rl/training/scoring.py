@@ -4,7 +4,7 @@ which scored samples may enter the update (the Ray driver and the in-process loo
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,20 @@ class Scores:
     components: dict[str, torch.Tensor]  # name -> [B], each reward before weighting
     step_weights: torch.Tensor | None  # [B, T]; None for sparse credit
     num_fallbacks: int  # CoCA rows that fell back to uniform weights
+    # What the rollout paid for the credit mode's boundary images: denoiser calls per trajectory, seconds.
+    boundary_model_calls: int = 0
+    boundary_seconds: float = 0.0
+
+
+@dataclass
+class ScoredBatch:
+    """What the driver and the run's records need from a scored batch, without its heavy tensors."""
+
+    prompts: list[str]
+    policy_version: int
+    scores: Scores
+    preview: torch.Tensor  # uint8 [n, 3, H, W]: the first images, for the epoch's grid
+    monitors: dict[str, float] = field(default_factory=dict)  # image monitors of the batch (training/monitors.py)
 
 
 def score_trajectories(rewards: WeightedRewards, batch: RewardInputs, credit: CreditConfig) -> Scores:
@@ -41,7 +55,8 @@ def score_trajectories(rewards: WeightedRewards, batch: RewardInputs, credit: Cr
         return Scores(total, components, None, 0)
     step_weights, fallback = mode.step_weights(CreditInputs(total, batch.cosines.shape[1], credit.window_size,
                                                             cosines=batch.cosines, boundary_rewards=boundary_rewards))
-    return Scores(total, components, step_weights, int(fallback.sum()))
+    return Scores(total, components, step_weights, int(fallback.sum()), batch.boundary_model_calls,
+                  batch.boundary_seconds)
 
 
 def finite_rewards(rewards: torch.Tensor, epoch: int) -> torch.Tensor:

@@ -18,16 +18,32 @@ from dense_rl.diffusion.pipeline import build_policy, denoiser
 from dense_rl.diffusion.sampler import sample_trajectories
 from dense_rl.diffusion.trajectories import RewardInputs, Trajectories, to_uint8
 from dense_rl.rewards import WeightedRewards
+from dense_rl.run.checkpoints import (
+    checkpoint_due,
+    checkpoint_name,
+    keep_newest,
+    load_resume_point,
+    new_driver_state,
+    restore_learner,
+    session_folder,
+    write_learner_files,
+)
+from dense_rl.run.records import RunRecorder, epoch_metrics
+from dense_rl.run.registry import RunTracker
+from dense_rl.run.storage import RunDir
+from dense_rl.training.guards import HeldoutWatch, Verdict
+from dense_rl.training.heldout import evaluate_policy, extra_reward_specs, heldout_set
+from dense_rl.training.monitors import image_monitors
 from dense_rl.training.prompts import load_prompts
 from dense_rl.training.recipe import (
     epoch_advantages,
     epoch_batches,
     evaluation_sampler_options,
-    new_trackers,
+    rows_with_signal,
     sample_batch,
     update_policy,
 )
-from dense_rl.training.scoring import finite_rewards, score_trajectories
+from dense_rl.training.scoring import ScoredBatch, Scores, finite_rewards, score_trajectories
 from dense_rl.training.update import make_grad_scaler, make_optimizer
 
 
@@ -44,7 +60,7 @@ def evaluate(pipe, config: Config, rewards: WeightedRewards, prompts: list[str],
     """Mean of each reward over one fixed-seed sample per prompt (comparable across checkpoints); the
     uint8 images are appended to `keep_images` when a list is given."""
     generator = torch.Generator().manual_seed(seed)
-    trajectories = sample_trajectories(pipe, prompts, **evaluation_sampler_options(config), generator=generator)
+    trajectories = sample_trajectories(pipe, prompts, **evaluation_sampler_options(config, pipe), generator=generator)
     images = to_uint8(trajectories.images)
     if keep_images is not None:
         keep_images.append(images)
@@ -62,61 +78,150 @@ def credit_profile(cosines: torch.Tensor, step_weights: torch.Tensor | None) -> 
     return profile
 
 
-def train(config: Config, *, show_progress: bool = True, keep_policy: dict | None = None) -> list[dict[str, float]]:
-    """Train in this process; returns one metrics dict per epoch (and the trained pipeline in
-    keep_policy["pipe"] when a dict is given)."""
+def train(config: Config, *, run_uri: str | None = None, show_progress: bool = True, keep_policy: dict | None = None,
+          on_epoch=None) -> list[dict]:
+    """Train in this process; returns one metrics row per epoch (the row metrics.parquet holds, plus the
+    stage timings and credit profile the benchmarks read).
+
+    With `run_uri` the run directory is written as the Ray system writes it (config, metrics, samples,
+    images, checkpoints, latest.json, the registry record), and a run already there is resumed from its
+    newest checkpoint. With `evaluation.every_epochs`, the policy is evaluated on the held-out set (and the
+    base model once), the guards are checked, and a guard whose action is stop ends the run: its line is
+    the last row's `stopped_by`. `keep_policy["pipe"]` receives the trained pipeline when a dict is given;
+    `on_epoch(metrics)` is called after each epoch."""
     torch.manual_seed(config.run.seed)
+    run = RunDir(run_uri) if run_uri is not None else None
+    state, _, resume_from = load_resume_point(run, config) if run is not None else (new_driver_state(config), None, None)
 
     pipe, params = build_policy(config)
     if keep_policy is not None:
         keep_policy["pipe"] = pipe
+    model = denoiser(pipe)
     optimizer = make_optimizer(params, config.train)
-    grad_scaler = make_grad_scaler(denoiser(pipe))
+    if resume_from is not None:
+        restore_learner(run.child(resume_from), model, optimizer, config.train)
+    grad_scaler = make_grad_scaler(model)
     rewards = WeightedRewards(config.rewards, device=config.model.device)
     prompts = load_prompts(config.sample.prompts)
-    reward_tracker, step_tracker = new_trackers(config)
+    recorder = tracker = None
+    if run is not None:
+        recorder = RunRecorder(run, config)
+        recorder.write_config(start_epoch=state.epoch)
+        tracker = RunTracker.start(config, run.uri, state)
+        session = session_folder(state.epoch)
+    heldout = InProcessHeldout(config, run, pipe, rewards) if config.evaluation.every_epochs else None
 
-    history = []
     asynchronous, pending = config.cluster.max_policy_lag == 1, None
-    bar = tqdm(range(config.run.num_epochs), desc="epochs", disable=not show_progress)
-    for epoch in bar:
-        started = time.perf_counter()
-        # Sync: sampled by the weights of this epoch. Async, as in the Ray driver: sampled before the
-        # previous update, by the weights one version behind (ppo_update corrects for it).
-        trajectories = pending if pending is not None else sample_epoch(pipe, config, prompts, epoch, version=epoch)
-        sampled = time.perf_counter()
-        scores = score_trajectories(rewards, trajectories.for_reward(), config.credit)
-        scored = time.perf_counter()
-        good = finite_rewards(scores.rewards, epoch)  # NaN/inf rewards: left out of the update
-        rows = torch.nonzero(good).flatten()
-        kept = trajectories.select(rows)
-        weights = None if scores.step_weights is None else scores.step_weights[good]
-        step_advantages, advantage_info = epoch_advantages(config, reward_tracker, step_tracker, kept.prompts,
-                                                           scores.rewards[good], weights)
-        credited = time.perf_counter()
-        if asynchronous and epoch + 1 < config.run.num_epochs:
-            pending = sample_epoch(pipe, config, prompts, epoch + 1, version=epoch)
-        sampled_ahead = time.perf_counter()
-        update_info = update_policy(denoiser(pipe), pipe.scheduler, optimizer, params, kept, step_advantages, config,
-                                    epoch=epoch, grad_scaler=grad_scaler)
-        updated = time.perf_counter()
-        metrics = {
-            "epoch": epoch,
-            "reward_mean": float(scores.rewards[good].mean()),
-            "reward_std": float(scores.rewards[good].std()),
-            "bad_rewards": len(good) - len(rows),
-            "credit_fallbacks": scores.num_fallbacks,
-            "epoch_seconds": updated - started,
+    bar = tqdm(range(state.epoch, config.run.num_epochs), desc="epochs", disable=not show_progress)
+    try:
+        for epoch in bar:
+            started = time.perf_counter()
+            # Sync: sampled by the weights of this epoch. Async, as in the Ray driver: sampled before the
+            # previous update, by the weights one version behind (ppo_update corrects for it).
+            trajectories = pending if pending is not None else sample_epoch(pipe, config, prompts, epoch, version=epoch)
+            sampled = time.perf_counter()
+            scores = score_trajectories(rewards, trajectories.for_reward(), config.credit)
+            scored = time.perf_counter()
+            good = finite_rewards(scores.rewards, epoch)  # NaN/inf rewards: left out of the update
+            rows = torch.nonzero(good).flatten()
+            kept = trajectories.select(rows)
+            weights = None if scores.step_weights is None else scores.step_weights[good]
+            step_advantages, advantage_info = epoch_advantages(config, state.reward_tracker, state.step_tracker,
+                                                               kept.prompts, scores.rewards[good], weights)
+            signal = rows_with_signal(step_advantages, min_rows=1)  # all-zero rows teach nothing
+            kept, step_advantages = kept.select(torch.nonzero(signal).flatten()), step_advantages[signal]
+            credited = time.perf_counter()
+            if asynchronous and epoch + 1 < config.run.num_epochs:
+                pending = sample_epoch(pipe, config, prompts, epoch + 1, version=epoch)
+            sampled_ahead = time.perf_counter()
+            update_info = update_policy(model, pipe.scheduler, optimizer, params, kept, step_advantages, config,
+                                        epoch=epoch, grad_scaler=grad_scaler)
+            updated = time.perf_counter()
+
+            state.epoch, state.samples_seen = epoch + 1, state.samples_seen + trajectories.batch_size
+            batches = scored_batches(trajectories, scores, config.sample.batch_size)
             # Stage timings: the benchmarks read what credit assignment costs from these.
-            "seconds_sample": (sampled - started) + (sampled_ahead - credited),
-            "seconds_score": scored - sampled,
-            "seconds_advantages": credited - scored,
-            "seconds_update": updated - sampled_ahead,
-            **{f"reward/{name}": float(v[torch.isfinite(v)].mean()) for name, v in scores.components.items()},
-            **{f"advantage/{k}": float(v) for k, v in advantage_info.items()},
-            **update_info,
-            **credit_profile(trajectories.cosines[good], weights),
-        }
-        history.append(metrics)
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{update_info.get('approx_kl', 0):.2e}")
-    return history
+            timings = {"sample": (sampled - started) + (sampled_ahead - credited), "score": scored - sampled,
+                       "advantages": credited - scored, "update": updated - sampled_ahead}
+            advantage_info |= {"bad_rewards": len(good) - len(rows), "zero_rows": int((~signal).sum())}
+            verdict = None
+            if heldout is not None and heldout.watch.due(state.epoch):
+                verdict = heldout.evaluate(epoch, state)
+                timings["heldout"] = time.perf_counter() - updated
+            metrics = epoch_metrics(epoch, state, batches, advantage_info, update_info, timings)
+            metrics |= credit_profile(trajectories.cosines[good], weights)
+            if verdict is not None and verdict.stop:
+                metrics["stopped_by"] = verdict.stop
+            state.history.append(metrics)
+            checkpoint = None
+            if run is not None:
+                if checkpoint_due(state.epoch, config.run):
+                    checkpoint = f"{session}/{checkpoint_name(state.epoch)}"
+                    write_learner_files(run.child(checkpoint), model, optimizer)
+                recorder.record_epoch(epoch, state, batches, metrics, checkpoint=checkpoint)
+                if verdict is not None:
+                    heldout.watch.keep_if_best(verdict, checkpoint)
+                if checkpoint is not None:
+                    keep_newest(run, session, config.checkpoint.keep)
+                tracker.record_epoch(run, metrics)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{update_info.get('approx_kl', 0):.2e}")
+            if on_epoch is not None:
+                on_epoch(metrics)
+            if "stopped_by" in metrics:
+                break
+    except BaseException as error:
+        if tracker is not None:
+            tracker.finish("failed", error)
+        raise
+    if tracker is not None:
+        tracker.finish("stopped" if "stopped_by" in state.history[-1] else "finished",
+                       message=state.history[-1].get("stopped_by"))
+    return state.history
+
+
+class InProcessHeldout:
+    """The held-out evaluation of the in-process trainer: the held-out set sampled here, with the policy's
+    adapters on (or, once, off: the base model), scored by the trained and the extra rewards."""
+
+    def __init__(self, config: Config, run: RunDir | None, pipe, rewards: WeightedRewards):
+        extra = extra_reward_specs(config)
+        self.config, self.run, self.pipe, self.rewards = config, run, pipe, rewards
+        self.extra = WeightedRewards(extra, device=config.model.device) if extra else None
+        self.held_out = heldout_set(config)
+        self.watch = HeldoutWatch(config, run)
+        if self.watch.base is None:
+            model = denoiser(pipe)
+            model.disable_adapters()
+            try:
+                self.watch.record_base(self._scores())
+            finally:
+                model.enable_adapters()
+
+    def _scores(self) -> list:
+        scores, preview = evaluate_policy(self.pipe, self.config, self.rewards, self.extra, self.held_out)
+        self.preview = preview
+        return scores
+
+    def evaluate(self, epoch: int, state) -> Verdict:
+        verdict = self.watch.check(self._scores(), epoch=epoch, policy_version=state.epoch, samples=state.samples_seen)
+        if self.run is not None:
+            RunRecorder(self.run, self.config).record_heldout_images(epoch, self.preview)
+        return verdict
+
+
+def scored_batches(trajectories: Trajectories, scores, rows_per_batch: int, preview_count: int = 8) -> list[ScoredBatch]:
+    """The epoch's scores cut into its rollout batches, as the Ray system's reward role returns them (the
+    first `preview_count` images of each batch for the epoch's grid)."""
+    batches = []
+    for start in range(0, trajectories.batch_size, rows_per_batch):
+        part = slice(start, start + rows_per_batch)
+        step_weights = None if scores.step_weights is None else scores.step_weights[part]
+        fallbacks = scores.num_fallbacks if start == 0 else 0  # counted once, for the epoch
+        batch_scores = Scores(scores.rewards[part], {name: v[part] for name, v in scores.components.items()},
+                              step_weights, fallbacks, scores.boundary_model_calls,
+                              scores.boundary_seconds * len(trajectories.prompts[part]) / trajectories.batch_size)
+        preview = to_uint8(trajectories.images[start:start + min(preview_count, rows_per_batch)])
+        monitors = image_monitors(to_uint8(trajectories.images[part]), trajectories.prompts[part])
+        batches.append(ScoredBatch(trajectories.prompts[part], trajectories.policy_version, batch_scores, preview,
+                                   monitors))
+    return batches

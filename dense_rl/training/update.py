@@ -29,9 +29,12 @@ from collections.abc import Callable
 import torch
 
 from dense_rl.algo.ppo import gaussian_kl, ppo_clip_loss
+
+# Statistics of the update kept as their extremes over every trained step, not as means.
+EXTREMES = {"importance_weight_min": torch.minimum, "importance_weight_max": torch.maximum}
 from dense_rl.config import TrainConfig
 from dense_rl.diffusion.policy import StepPolicy, guided_model_output
-from dense_rl.diffusion.trajectories import Trajectories
+from dense_rl.diffusion.trajectories import Trajectories, trained_step_range
 
 
 def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
@@ -62,6 +65,11 @@ def make_grad_scaler(unet) -> torch.amp.GradScaler:
                                 enabled=frozen.dtype == torch.float16)
 
 
+def steps_to_train(trajectories: Trajectories, step_window: list[int] | tuple[int, int] | None) -> range:
+    """The stochastic steps of `trajectories` that `train.step_window` ([start, stop); empty: all) trains."""
+    return trained_step_range(trajectories.num_steps, trajectories.sde_window, step_window)
+
+
 def ppo_update(
     unet,
     scheduler,
@@ -78,20 +86,24 @@ def ppo_update(
     learner_version: int | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
     fetch_proximal: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+    decoupled: bool = True,
 ) -> dict[str, float]:
     """PPO-clip over `train.num_inner_epochs` passes; one optimizer step per `train.batch_size` trajectories.
 
     `unet` is the denoiser (a UNet, or a flow transformer with `scheduler` a flow-matching one) and
-    `eta`/`noise_level` the sampler's noise (StepPolicy). It may be wrapped in DistributedDataParallel: gradients are then all-reduced once per
-    optimizer step, not once per denoising step. Each trajectory trains on its own random subset of
-    `timestep_fraction` of its steps, and each step keeps its own advantage. A batch sampled by a
-    policy older than `learner_version` is trained with the decoupled (proximal) correction. Only
-    the steps in the trajectories' `sde_window` are trained.
+    `eta`/`noise_level` the sampler's noise (StepPolicy). It may be wrapped in DistributedDataParallel:
+    gradients are then all-reduced once per optimizer step, not once per denoising step. The steps
+    trained are those of the trajectories' `sde_window` within `train.step_window` (steps_to_train);
+    each trajectory trains on its own random subset of `timestep_fraction` of them, and each step keeps
+    its own advantage. A batch sampled by a policy older than `learner_version` is trained with the
+    decoupled (proximal) correction.
 
     The proximal log-probs are those of the weights at the start of the update. The first minibatch's
     own forward has exactly those weights, so it needs no separate pass; each later minibatch takes its
     rows' from `fetch_proximal(rows)` ([len(rows), T], computed elsewhere on the same weights, e.g. by
     the rollout actors) when it gives them, else they are computed here (ProximalLogProbs).
+    `decoupled=False` trains an off-policy batch as plain PPO against the sampler's log-probs: only for
+    tests that show what the correction changes.
     """
     num_trajectories, num_steps = step_advantages.shape
     if num_trajectories != trajectories.batch_size or num_steps != trajectories.num_steps:
@@ -104,7 +116,8 @@ def ppo_update(
     dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
     policy = StepPolicy(scheduler, eta=eta, noise_level=noise_level)
     policy.set_timesteps(num_steps, device)
-    trained_steps = torch.tensor(list(trajectories.trained_steps))
+    steps = steps_to_train(trajectories, train.step_window)
+    trained_steps = torch.tensor(list(steps))
     policy.check_steps(trained_steps)  # once here; the steps below skip the check (it reads the device)
     steps_per_trajectory = max(1, math.ceil(len(trained_steps) * train.timestep_fraction))
     scaler = grad_scaler if grad_scaler is not None else make_grad_scaler(base_unet)
@@ -112,17 +125,20 @@ def ppo_update(
 
     behaviour = trajectories.log_probs
     off_policy = learner_version is not None and trajectories.policy_version < learner_version
+    correct = off_policy and decoupled
     proximal = None
-    if off_policy:
+    if correct:
         def compute_proximal(rows: torch.Tensor) -> torch.Tensor:
             unet.eval()
-            values = proximal_log_probs(base_unet, policy, trajectories.select(rows), batch_size=train.batch_size, **common)
+            values = proximal_log_probs(base_unet, policy, trajectories.select(rows), steps, batch_size=train.batch_size,
+                                        **common)
             unet.train()
             return values
 
         proximal = ProximalLogProbs(params, behaviour, fetch_proximal, compute_proximal)
 
     sums: dict[str, torch.Tensor] = {}
+    extremes: dict[str, torch.Tensor] = {}
     num_updates = skipped = 0
     unet.train()
     for _ in range(train.num_inner_epochs):
@@ -133,11 +149,11 @@ def ppo_update(
             # the step loop would wait for the device at every step.
             batch = trajectories.select(rows).to(device)
             advantages = step_advantages[rows].to(device)
-            if not off_policy:
+            if not correct:
                 old = behaviour[rows].to(device)
             else:  # the update's first minibatch runs on the start weights: its own forward is the proximal
                 old = None if num_updates == 0 else proximal(rows).to(device)
-            behaviour_of_batch = behaviour[rows].to(device) if off_policy else None
+            behaviour_of_batch = behaviour[rows].to(device) if correct else None
             # Each row trains on its own random subset of steps, with that step's own advantage.
             step_order = torch.stack([trained_steps[torch.randperm(len(trained_steps), generator=generator)]
                                       for _ in rows]).to(device)
@@ -152,11 +168,14 @@ def ppo_update(
                     loss, info = _step_loss(
                         unet, base_unet, policy, batch, row_index, step, train,
                         advantages=advantages[row_index, step], old_log_probs=None if old is None else old[row_index, step],
-                        behaviour_log_probs=behaviour_of_batch[row_index, step] if off_policy else None, **common,
+                        behaviour_log_probs=behaviour_of_batch[row_index, step] if correct else None, **common,
                     )
                     scaler.scale(loss / steps_per_trajectory).backward()
                 for key, value in info.items():
-                    sums[key] = sums.get(key, 0.0) + value / steps_per_trajectory
+                    if key in EXTREMES:
+                        extremes[key] = EXTREMES[key](extremes[key], value) if key in extremes else value
+                    else:
+                        sums[key] = sums.get(key, 0.0) + value / steps_per_trajectory
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             scale = scaler.get_scale() if scaler.is_enabled() else 1.0
@@ -171,8 +190,11 @@ def ppo_update(
     unet.eval()
     # Read once per update: nothing above waits for the device.
     result = {key: float(value) / num_updates for key, value in sums.items()}
+    result |= {key: float(value) for key, value in extremes.items()}
+    # After the first step the ratio is taken against the proximal policy (or, uncorrected, the sampler's).
+    later_clipfrac = (float(sums["clipfrac"]) - float(first_clipfrac)) / (num_updates - 1) if num_updates > 1 else 0.0
     return result | {"optimizer_steps": num_updates, "skipped_steps": skipped, "off_policy": float(off_policy),
-                     "first_step_clipfrac": float(first_clipfrac),
+                     "first_step_clipfrac": float(first_clipfrac), "later_steps_clipfrac": later_clipfrac,
                      "proximal_from_rollouts": proximal.fraction_fetched if proximal else 0.0,
                      "proximal_seconds": proximal.seconds if proximal else 0.0,
                      "grad_scale": scaler.get_scale() if scaler.is_enabled() else 1.0}
@@ -247,17 +269,17 @@ def score_actions(unet, policy: StepPolicy, batch: Trajectories, row_index, step
 
 
 @torch.no_grad()
-def proximal_log_probs(unet, policy: StepPolicy, trajectories: Trajectories, *, batch_size: int, guidance_scale,
-                       device, dtype) -> torch.Tensor:
-    """[B, T] log-probs of every trained action under the current weights (decoupled PPO's proximal
-    policy); 0 on untrained (ODE) steps, as the sampler stores them. The caller has checked the steps
+def proximal_log_probs(unet, policy: StepPolicy, trajectories: Trajectories, steps: range, *, batch_size: int,
+                       guidance_scale, device, dtype) -> torch.Tensor:
+    """[B, T] log-probs of the actions at `steps` (those trained) under the current weights (decoupled
+    PPO's proximal policy); 0 on the other steps. The caller has checked the steps
     (StepPolicy.check_steps), as ppo_update does."""
     num_rows, num_steps = trajectories.log_probs.shape
     result = torch.zeros(num_rows, num_steps, device=device)  # filled on the device, read back once
     for start in range(0, num_rows, batch_size):
         batch = trajectories.select(slice(start, start + batch_size)).to(device)
         rows = torch.arange(batch.batch_size, device=device)
-        for k in trajectories.trained_steps:
+        for k in steps:
             log_prob, _ = score_actions(unet, policy, batch, rows, torch.full_like(rows, k), guidance_scale=guidance_scale,
                                         device=device, dtype=dtype, validate=False)
             result[start + rows, k] = log_prob.float()
@@ -265,15 +287,16 @@ def proximal_log_probs(unet, policy: StepPolicy, trajectories: Trajectories, *, 
 
 
 def rescore_trajectories(model, scheduler, trajectories: Trajectories, *, eta: float, noise_level: float,
-                         guidance_scale: float, batch_size: int) -> torch.Tensor:
+                         guidance_scale: float, batch_size: int, step_window: list[int] | None = None) -> torch.Tensor:
     """proximal_log_probs of `trajectories` under `model`'s current weights, with the step policy set up
     and checked here: what a rollout actor holding a learner's weights computes for it (RolloutWorker.rescore)."""
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if not p.requires_grad).dtype
     policy = StepPolicy(scheduler, eta=eta, noise_level=noise_level)
     policy.set_timesteps(trajectories.num_steps, device)
-    policy.check_steps(trajectories.trained_steps)
-    return proximal_log_probs(model, policy, trajectories, batch_size=batch_size, guidance_scale=guidance_scale,
+    steps = steps_to_train(trajectories, step_window)
+    policy.check_steps(steps)
+    return proximal_log_probs(model, policy, trajectories, steps, batch_size=batch_size, guidance_scale=guidance_scale,
                               device=device, dtype=dtype)
 
 
@@ -300,7 +323,10 @@ def _step_loss(unet, base_unet, policy: StepPolicy, batch, row_index, step, trai
             finally:
                 base_unet.enable_adapters()
             reference_mean, _, _ = policy.distribution(reference_output, step, sample, validate=False)
-        kl = gaussian_kl(mean, reference_mean, std).mean()
+        kl = gaussian_kl(mean, reference_mean, std)
+        if train.kl_form == "flow_grpo":  # divided by std_dev_t^2, not the step's variance std_dev_t^2 * |dt|
+            kl = kl * policy.step_size(step)
+        kl = kl.mean()
         loss = loss + train.kl_beta * kl
         info["kl_to_reference"] = kl.detach()
     return loss, info

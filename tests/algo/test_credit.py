@@ -134,8 +134,7 @@ def test_uniform_and_sparse_modes():
     mode_weights, num_fallback = step_weights_for("uniform", cosines, window_size=4)
     torch.testing.assert_close(mode_weights, weights)
     assert num_fallback == 0
-    assert step_weights_for("sparse", cosines, window_size=4) == (None, 0)
-    with pytest.raises(ValueError, match="unknown credit mode 'dense'; expected one of coca, reward_gain, sparse"):
+    with pytest.raises(ValueError, match="unknown credit mode 'dense'; expected one of coca, ode_gain, reward_gain"):
         credit_mode("dense")
     assert {"sparse", "uniform", "coca", "reward_gain"} <= set(credit_mode_names())
 
@@ -288,7 +287,6 @@ def test_step_weights_for_all_modes():
     # Uniform takes T from num_steps and B from the rewards; it needs no cosine curve.
     weights, _ = step_weights_for("uniform", None, window_size=2, final_rewards=final, num_steps=6)
     assert torch.equal(weights, uniform_step_weights(3, 6))
-    assert step_weights_for("sparse", None, window_size=2, final_rewards=final) == (None, 0)
     weights, num_fallback = step_weights_for(
         "reward_gain", cosines, window_size=2, boundary_rewards=boundary, final_rewards=final, num_steps=6
     )
@@ -304,13 +302,45 @@ def test_step_weights_for_all_modes():
 
 
 
+def test_scoring_gives_sparse_credit_no_step_weights():
+    """Scoring, the step weights' consumer, asks the mode: sparse hands the advantages no weights
+    (every step gets the trajectory's advantage) and counts no fallback however informative the batch's
+    cosines are, while coca on the same batch gets the registry's weights."""
+    from dense_rl.config import CreditConfig, RewardSpec
+    from dense_rl.diffusion.trajectories import RewardInputs
+    from dense_rl.rewards import WeightedRewards
+    from dense_rl.training.scoring import score_trajectories
+
+    generator = torch.Generator().manual_seed(6)
+    images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    batch = RewardInputs(["a", "b", "c"], images, torch.rand(3, 4, generator=generator).sort(1).values)
+    rewards = WeightedRewards([RewardSpec("brightness")])
+    sparse = score_trajectories(rewards, batch, CreditConfig(mode="sparse", window_size=2))
+    assert sparse.step_weights is None and sparse.num_fallbacks == 0
+    coca = score_trajectories(rewards, batch, CreditConfig(mode="coca", window_size=2))
+    torch.testing.assert_close(coca.step_weights, coca_step_weights_from_cosines(batch.cosines, window_size=2))
+    torch.testing.assert_close(sparse.rewards, coca.rewards)
+
+
 def test_the_modes_say_what_they_need():
     """What the rest of the pipeline asks of a mode instead of comparing its name."""
     needs = {name: (credit_mode(name).shapes_step_rewards, credit_mode(name).windowed, credit_mode(name).boundaries)
-             for name in ("sparse", "uniform", "coca", "reward_gain")}
+             for name in ("sparse", "uniform", "coca", "reward_gain", "ode_gain")}
     assert needs == {"sparse": (False, False, None), "uniform": (True, False, None), "coca": (True, True, None),
-                     "reward_gain": (True, True, "x0")}
+                     "reward_gain": (True, True, "x0"), "ode_gain": (True, True, "ode")}
     assert credit_mode("reward_gain").boundary_model_calls(20, 5) == 0  # it decodes predictions, no extra calls
+    assert credit_mode("ode_gain").boundary_model_calls(20, 5) == 20 + 15 + 10 + 5  # ODE from steps 0, 5, 10, 15
+
+
+def test_ode_gain_weights_are_the_gains_of_the_completed_boundaries_rewards():
+    """ode_gain on known rewards: boundaries completed to images scoring R_0 = 1, R_1 = 3, R_2 = 2 (steps 0,
+    2, 4 of 6), final R_3 = 5: gains 2, -1, 3 of total 4, one weight per window of 2 steps."""
+    boundary, final = torch.tensor([[1.0, 3.0, 2.0]]), torch.tensor([5.0])
+    weights, fallback = credit_mode("ode_gain").step_weights(
+        CreditInputs(final, num_steps=6, window_size=2, boundary_rewards=boundary))
+    expected = torch.tensor([[2.0, 2.0, -1.0, -1.0, 3.0, 3.0]]) / (2 * 4.0)
+    torch.testing.assert_close(weights, expected)
+    assert not fallback.any() and weights.sum().item() == pytest.approx(1.0)
 
 
 def test_a_mode_is_registered_once_and_checked():

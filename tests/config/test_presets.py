@@ -7,12 +7,12 @@ merged, a preset naming an unregistered reward is skipped with that reason inste
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 
 from dense_rl.config import load_config
+from dense_rl.diffusion.trajectories import trained_step_range
 from dense_rl.rewards import REWARD_NAMES
 from dense_rl.training.prompts import load_prompts
 
@@ -57,7 +57,9 @@ def test_sd15_preset_has_the_paper_settings(preset):
     assert (config.train.lr, config.train.clip_range, config.train.adv_clip_max) == (1e-4, clip_range, 5.0)
     assert (config.credit.mode, config.credit.window_size, config.credit.temporal_alpha) == ("coca", 5, 0.0)
     assert (config.credit.buffer_size, config.credit.min_count, config.samples_per_epoch) == (32, 16, 256)
-    assert config.lora.rank >= 1 and config.lora.target_modules
+    # DDPO's rank-4 adapter on the attention projections (the 797,184 parameters the throughput benchmark counts).
+    assert (config.lora.rank, config.lora.alpha) == (4, 4.0)
+    assert config.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     # GPU placement: half-precision pipeline on CUDA rollout actors and learners; model rewards on a GPU.
     assert (config.model.device, config.model.dtype) == ("cuda", "float16")
     assert config.cluster.rollout_gpus > 0 and config.cluster.learner_gpus > 0
@@ -85,10 +87,15 @@ def test_sd35_preset_has_flow_grpos_settings(preset):
     assert (credit.advantages, credit.group_std) == ("group", True)
     # CoCA over 10 steps in 5 windows of 2.
     assert (credit.mode, credit.window_size, credit.temporal_alpha) == ("coca", 2, 0.0)
-    assert sample.num_steps % credit.window_size == 0
     assert (train.lr, train.clip_range, train.adv_clip_max, train.kl_beta) == (3e-4, 1e-4, 5.0, 0.01)
-    # Flow-GRPO's timestep_fraction 0.99 trains int(10 * 0.99) = 9 steps; ours trains ceil(T * f).
-    assert math.ceil(sample.num_steps * train.timestep_fraction) == int(10 * 0.99) == 9
+    # Flow-GRPO samples all 10 steps with the SDE and trains steps 0..int(10 * 0.99) - 1 in every row,
+    # never the last; its KL divides by std_dev_t^2, so kl_beta 0.01 is its beta only in that form.
+    trained = trained_step_range(sample.num_steps, sample.sde_window, train.step_window)
+    assert list(trained) == list(range(int(10 * 0.99))) and train.timestep_fraction == 1.0
+    assert train.kl_form == "flow_grpo"
+    # It evaluates with the ODE, 40 steps at guidance 4.5.
+    evaluation = config.evaluation
+    assert (evaluation.sampler, evaluation.num_steps, evaluation.guidance_scale) == ("ode", 40, 4.5)
     assert (config.lora.rank, config.lora.alpha) == (32, 64.0)
     assert set(config.lora.target_modules) == SD3_ATTENTION_PROJECTIONS
     # GPU placement: bf16 pipeline on CUDA rollout actors and learners; the reward model on a GPU.
@@ -104,6 +111,9 @@ def test_sd35_preset_header_states_its_source(preset):
                      if line.startswith("#"))
     assert "yifan123/flow_grpo" in header and "config/grpo.py" in header
     assert "--set sample.prompts=" in header
+    # Every Flow-GRPO setting it claims is one it has (the old headers claimed 0.9 gave its 9 steps).
+    assert "train.step_window [0, 9]" in header and "train.kl_form flow_grpo" in header
+    assert "timestep_fraction 0.9" not in header
 
 
 def test_simple_animals_is_ddpos_list():

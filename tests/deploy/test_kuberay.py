@@ -54,7 +54,7 @@ def kustomize_command() -> list[str]:
         return [kubectl, "kustomize"]
     if kustomize := shutil.which("kustomize"):
         return [kustomize, "build"]
-    pytest.fail("kubectl not found on PATH: tests/test_kuberay.py builds deploy/kuberay/overlays/* with "
+    pytest.fail("kubectl not found on PATH: tests/deploy/test_kuberay.py builds deploy/kuberay/overlays/* with "
                 "`kubectl kustomize` (or `kustomize build`); install kubectl", pytrace=False)
 
 

@@ -113,7 +113,6 @@ def test_sd3_decodes_through_its_vae_with_shift(sd3):
     latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     images = decode_to_images(sd3, latents)
     assert images.shape == (2, 3, 16, 16) and images.dtype == torch.float32
-    assert 0 <= images.min() and images.max() <= 1
     config = sd3.vae.config
     with torch.no_grad():
         expected = sd3.vae.decode(latents / config.scaling_factor + config.shift_factor).sample

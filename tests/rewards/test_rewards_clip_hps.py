@@ -101,9 +101,8 @@ def test_hps_matches_hpsv2_reference(tmp_path):
     ours = [float(ours[kind][i]) for kind, i in order]
 
     assert np.allclose(ours, reference, atol=1e-5, rtol=0), (ours, reference)
-    # The scores are real cosine similarities that differ between images, not a constant.
+    # The scores differ between images: not a constant.
     assert len(set(np.round(reference, 4))) == len(reference)
-    assert all(-1.0 <= s <= 1.0 for s in ours)
 
 
 def test_the_real_vit_h_14_checkpoint_maps_onto_every_clipmodel_weight():
@@ -144,5 +143,5 @@ def test_hps_refuses_a_checkpoint_with_missing_weights(tmp_path):
     save_clip_tokenizer_from_bpe(tmp_path)
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
     torch.save({"state_dict": {"logit_scale": torch.tensor(1.0)}}, tmp_path / HPS_FILES["v2.1"])
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="visual.class_embedding"):  # the first weight looked up after logit_scale
         build_reward("hps", path=str(tmp_path))

@@ -35,7 +35,6 @@ def test_classifier_accuracy_on_heldout_digits(alignment, heldout):
     _, digits, colors, images = heldout
     digit_probs, color_probs = alignment.predict(images)
     assert digit_probs.shape == (len(digits), 10) and color_probs.shape == (len(digits), 6)
-    assert torch.allclose(digit_probs.sum(1), torch.ones(len(digits)), atol=1e-4)
     assert (digit_probs.argmax(1) == digits).float().mean() > 0.95  # measured 0.997
     assert (color_probs.argmax(1) == colors).float().mean() > 0.98  # measured 1.000
 
@@ -47,9 +46,12 @@ def test_alignment_high_for_matching_prompt_low_for_mismatch(alignment, heldout)
     wrong_digit = [caption((d + 3) % 10, COLOR_NAMES[c], "the number {num} in {color}") for d, c in zip(digits, colors)]
     wrong_color = [caption(d, COLOR_NAMES[(c + 2) % 6], "the digit {word} written in {color}") for d, c in zip(digits, colors)]
     r_match, r_digit, r_color = alignment(images, match), alignment(images, wrong_digit), alignment(images, wrong_color)
-    for r in (r_match, r_digit, r_color):
+    # Each template is read as the digit and colour it names: the reward is P(that digit) * P(that colour).
+    digit_probs, color_probs = alignment.predict(images)
+    rows, d, c = torch.arange(120), torch.tensor(digits), torch.tensor(colors)
+    for r, named_digit, named_color in ((r_match, d, c), (r_digit, (d + 3) % 10, c), (r_color, d, (c + 2) % 6)):
         assert r.dtype == torch.float32 and r.shape == (120,) and r.device.type == "cpu"
-        assert r.min() >= 0 and r.max() <= 1
+        torch.testing.assert_close(r, digit_probs[rows, named_digit] * color_probs[rows, named_color])
     assert r_match.mean() > 0.8
     assert r_digit.mean() < 0.1 and r_color.mean() < 0.1
     assert (r_match > r_digit).float().mean() > 0.95 and (r_match > r_color).float().mean() > 0.95

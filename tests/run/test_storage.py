@@ -49,3 +49,11 @@ def test_unwritable_directory_is_named(tmp_path):
         assert "run.output_dir" in str(error) and str(blocker) in str(error)
     else:
         raise AssertionError("writing under a file should fail")
+
+
+def test_a_table_holds_the_keys_of_every_row(tmp_path):
+    """A key that only later rows have (a guard's stopped_by, a held-out evaluation's timing) is kept."""
+    run = RunDir(str(tmp_path / "run"))
+    run.write_table("metrics.parquet", [{"epoch": 0, "reward": 1.0}, {"epoch": 1, "reward": 2.0, "stopped_by": "guard"}])
+    assert run.read_table("metrics.parquet") == [{"epoch": 0, "reward": 1.0, "stopped_by": None},
+                                                 {"epoch": 1, "reward": 2.0, "stopped_by": "guard"}]

@@ -61,9 +61,9 @@ def test_roles_run_on_their_own_nodes(tmp_path):
     assert len(nodes) == 3
     (head,) = [node for node, resources in nodes.items() if resources.get("CPU", 0) == 0]
     rollout_nodes = set(placements["RolloutWorker"])
-    learner_nodes = set(placements["LearnerRank"])
+    learner_nodes = set(placements["RayTrainWorker"])
     reward_nodes = set(placements["RewardWorker"])
-    assert len(placements["RolloutWorker"]) == 2 and len(placements["LearnerRank"]) == 2
+    assert len(placements["RolloutWorker"]) == 2 and len(placements["RayTrainWorker"]) == 2
     assert len(rollout_nodes) == 1 and all("rollout" in nodes[n] for n in rollout_nodes)
     assert len(learner_nodes) == 1 and all("learner" in nodes[n] for n in learner_nodes)
     assert reward_nodes == learner_nodes  # the learner node also advertises "reward"

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 PROMTOOL = shutil.which("promtool")
 needs_prometheus = pytest.mark.skipif(PROMTOOL is None or shutil.which("prometheus") is None,
                                       reason="prometheus/promtool not installed (.ci/run installs Debian's package)")
-ROWS = ["Throughput", "Learning", "Credit assignment", "Learner", "Weight sync", "Cluster"]
+ROWS = ["Throughput", "Learning", "Credit assignment", "Guards", "Learner", "Weight sync", "Cluster"]
 
 
 def load_module(path: Path):
@@ -162,6 +162,9 @@ def test_every_dashboard_panel_has_data_from_a_real_run(tmp_path, monkeypatch):
         "cluster.address=local", f"run.output_dir={tmp_path}", "run.name=observed", f"run.num_epochs={num_epochs}",
         "cluster.num_rollout_workers=1", "cluster.num_reward_workers=1", "cluster.num_learner_workers=1",
         "sample.num_steps=10", "sample.batch_size=8", "sample.num_batches_per_epoch=2", "train.batch_size=8",
+        # A held-out evaluation after every epoch, for the Guards row.
+        "evaluation.every_epochs=1", "evaluation.max_prompts=8", "evaluation.batch_size=8",
+        "evaluation.rewards=[digit_alignment]",
     ])
     answers: dict = {}
 

@@ -1,6 +1,8 @@
 """End to end through real Ray: 2 rollout actors, 1 reward actor, a 2-worker DDP learner group, for
 both sampler families (the embedded DDIM model and the embedded flow-matching model)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -50,7 +52,8 @@ def six_epochs(request, tmp_path_factory):
     import ray
 
     preset, out = request.param, tmp_path_factory.mktemp("six-epochs")
-    config = small_config(out, "run.name=e2e", "run.num_epochs=6", "run.save_every=1", preset=preset)
+    # Every checkpoint kept: the resume test compares with the uninterrupted run's second.
+    config = small_config(out, "run.name=e2e", "run.num_epochs=6", "run.save_every=1", "checkpoint.keep=6", preset=preset)
     run_dir = RunDir(f"{out}/e2e")
     broadcasts, checkpoints = [], {}
 
@@ -80,7 +83,10 @@ def test_versions_broadcast_and_learning(six_epochs):
         rows = run.read_table(f"samples/epoch-{epoch:04d}.parquet")
         assert len(rows) == 16
         assert {row["policy_version"] for row in rows} == {epoch}  # sync mode: exactly on-policy
-        assert all(abs(sum(row["step_credits"]) - 1) < 1e-4 for row in rows)  # CoCA weights
+        credits = torch.tensor([row["step_credits"] for row in rows])
+        torch.testing.assert_close(credits.sum(1), torch.ones(len(rows)), rtol=0, atol=1e-4)  # CoCA weights
+        # Normalised uniform fallback would pass the line above: the cosine gains must shape the credit.
+        assert not torch.allclose(credits, torch.full_like(credits, 1 / credits.shape[1])), epoch
     assert len(run.read_table("metrics.parquet")) == 6
     assert run.exists("reward_curve.png") and run.exists("images/epoch-0005.png")
     assert run.latest_checkpoint()["epoch"] == 6
@@ -175,7 +181,7 @@ def test_rescore_gives_the_learners_proximal_log_probs_for_its_version_only(tmp_
     load_lora_state_dict(denoiser(pipe), moved)
     step_policy = StepPolicy(pipe.scheduler, eta=config.sample.eta)
     step_policy.set_timesteps(batch.num_steps, "cpu")
-    expected = proximal_log_probs(denoiser(pipe), step_policy, batch, batch_size=config.train.batch_size,
+    expected = proximal_log_probs(denoiser(pipe), step_policy, batch, batch.stochastic_steps, batch_size=config.train.batch_size,
                                   guidance_scale=config.sample.guidance_scale, device=torch.device("cpu"),
                                   dtype=torch.float32)
     assert batch.policy_version == 0 and rescored.shape == batch.log_probs.shape
@@ -215,10 +221,12 @@ def test_the_learner_fetches_the_rows_it_asks_for_and_nothing_else():
     assert gone(torch.tensor([0])) is None
 
 
-def test_reward_gain_credit_through_ray(tmp_path):
-    """credit.mode reward_gain: the rollouts decode each window boundary's predicted clean image, the
-    reward actor scores them, and the step credits the run records equal the reference computation
-    of the same first epoch in this process (same prompts, noise and initial weights)."""
+@pytest.mark.parametrize("mode, preset", [("reward_gain", "configs/tiny.yaml"), ("ode_gain", "configs/tiny-flow.yaml")])
+def test_gain_credit_through_ray(tmp_path, mode, preset):
+    """The credit modes that score window boundaries: the rollouts hand over each boundary's image
+    (reward_gain: the predicted clean image, decoded; ode_gain: the boundary completed by ODE steps, at
+    a cost the run records), the reward actor scores them, and the step credits the run records equal
+    the reference computation of the same first epoch in this process (same prompts, noise, weights)."""
     from dense_rl.diffusion.pipeline import build_policy
     from dense_rl.rewards import WeightedRewards
     from dense_rl.training.prompts import load_prompts
@@ -226,9 +234,12 @@ def test_reward_gain_credit_through_ray(tmp_path):
     from dense_rl.training.trainer import sample_epoch
 
     config = small_config(tmp_path, "run.name=gain", "run.num_epochs=2", "sample.num_steps=10",
-                          "credit.mode=reward_gain", "credit.window_size=5")
+                          f"credit.mode={mode}", "credit.window_size=5", preset=preset)
     history = run_system(config, f"{tmp_path}/gain", show_progress=False)
     assert len(history) == 2 and all(m["learner_optimizer_steps"] > 0 for m in history)
+    # ODE completions from steps 0 and 5 of 10: 10 + 5 extra denoiser calls per sample; decodes: none.
+    assert [m["credit_model_calls_per_sample"] for m in history] == [15.0 if mode == "ode_gain" else 0.0] * 2
+    assert all(m["credit_seconds_per_sample"] > 0 for m in history)
 
     rows = RunDir(f"{tmp_path}/gain").read_table("samples/epoch-0000.parquet")
     credits = torch.tensor([row["step_credits"] for row in rows])
@@ -241,3 +252,40 @@ def test_reward_gain_credit_through_ray(tmp_path):
     trajectories = sample_epoch(pipe, config, load_prompts(config.sample.prompts), epoch=0)
     reference = score_trajectories(WeightedRewards(config.rewards), trajectories.for_reward(), config.credit)
     torch.testing.assert_close(credits, reference.step_weights, atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoint_retention_keeps_the_newest_and_the_run_resumes_from_them(tmp_path):
+    """checkpoint.keep: 2 (Ray Train's CheckpointConfig.num_to_keep): after 3 epochs the session holds its
+    2 newest checkpoints, latest.json names the newest, and the run resumes from it."""
+    config = small_config(tmp_path, "run.name=kept", "run.num_epochs=3", "checkpoint.keep=2")
+    run = RunDir(f"{tmp_path}/kept")
+    run_system(config, run.uri, show_progress=False)
+    (session,) = run.list_folders("checkpoints")
+    assert [name for name in run.list_folders(f"checkpoints/{session}") if name.startswith("epoch-")] == [
+        "epoch-0002", "epoch-0003"]
+    assert run.latest_checkpoint() == {"epoch": 3, "path": f"checkpoints/{session}/epoch-0003"}
+
+    history = run_system(dataclasses.replace(config, run=dataclasses.replace(config.run, num_epochs=4)), run.uri,
+                         show_progress=False)
+    assert [m["epoch"] for m in history] == [0, 1, 2, 3] and run.latest_checkpoint()["epoch"] == 4
+    assert len(run.list_folders("checkpoints")) == 2  # the resumed session's own folder beside the first
+
+
+def test_held_out_evaluation_and_a_stop_guard_through_ray(tmp_path):
+    """The Ray system evaluates the base model and each new policy on the held-out set (rollout actors
+    sample, reward actors score, with an unseen reward) and stops at once on a guard that trips: here
+    one no policy can satisfy, so the run ends after its first evaluation, before its budget."""
+    config = small_config(tmp_path, "run.name=guarded", "run.num_epochs=4", "evaluation.every_epochs=1",
+                          "evaluation.max_prompts=6", "evaluation.batch_size=4", "evaluation.rewards=[digit_alignment]",
+                          "guards=[{metric: trained, min: 1000.0, action: stop}]")
+    run = RunDir(f"{tmp_path}/guarded")
+    history = run_system(config, run.uri, show_progress=False)
+    assert len(history) == 1 and history[-1]["stopped_by"].startswith("guard guards[0] trained min 1000: ")
+    rows = run.read_table("heldout.parquet")
+    assert {(row["policy_version"], row["reward"]) for row in rows} >= {
+        (0, "preference"), (0, "digit_alignment"), (0, "trained"), (1, "digit_alignment"), (1, "image_brightness")}
+    samples = {row["policy_version"]: row["samples"] for row in rows}
+    assert samples == {0: 0, 1: 16}
+    assert run.exists("images/heldout-epoch-0000.png") and not run.exists("best.json")  # its only policy tripped
+    record = run.read_json("registry.json")
+    assert record["status"] == "stopped" and record["stopped_by"] == history[-1]["stopped_by"]

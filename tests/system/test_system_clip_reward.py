@@ -1,12 +1,11 @@
 """End to end through real Ray on CPU: a tiny SD-shaped pipeline from disk, trained against CLIP-based
 rewards (PickScore + LAION aesthetic on a tiny saved CLIP, loaded through `rewards[].path`)."""
 
-import math
-
 import pytest
 import torch
 
 from dense_rl.config import load_config
+from dense_rl.diffusion.lora import read_lora_file
 from dense_rl.run.storage import RunDir
 from dense_rl.system.session import run_system
 from support.tiny_models import build_tiny_sd, save_tiny_clip
@@ -17,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_tiny_sd_trains_on_clip_rewards_through_ray(tmp_path):
     pipeline = build_tiny_sd(tmp_path / "sd")
     clip_folder = tmp_path / "clip"
-    clip = save_tiny_clip(clip_folder)
+    save_tiny_clip(clip_folder)
     torch.manual_seed(0)
     head = {}
     for index, (fan_in, fan_out) in zip((0, 2, 4, 6, 7), ((16, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
@@ -40,13 +39,18 @@ def test_tiny_sd_trains_on_clip_rewards_through_ray(tmp_path):
 
     assert [m["epoch"] for m in history] == [0, 1]
     run = RunDir(f"{tmp_path}/clip")
-    bound = math.exp(clip.logit_scale.item())  # PickScore = exp(logit_scale) * cosine
     for epoch in range(2):
         rows = run.read_table(f"samples/epoch-{epoch:04d}.parquet")
         assert len(rows) == 4 and {row["policy_version"] for row in rows} == {epoch}
         for row in rows:
-            assert abs(row["reward_pickscore"]) <= bound
             assert row["reward"] == pytest.approx(row["reward_pickscore"] + 0.5 * row["reward_aesthetic"], abs=1e-5)
         assert len({round(row["reward_pickscore"], 6) for row in rows}) > 1  # scored per image, not a constant
-    assert run.latest_checkpoint()["epoch"] == 2
-    assert all(math.isfinite(m["reward_mean"]) for m in history)
+    # It trains: every epoch's update steps the optimizer and moves the LoRA. Its B weights start at
+    # zero (peft's gaussian init), are off zero after the first update, and the second moves them again.
+    assert all(m["learner_optimizer_steps"] >= 1 for m in history)
+    latest = run.latest_checkpoint()
+    session, newest = latest["path"].rsplit("/", 1)
+    assert latest["epoch"] == 2 and newest == "epoch-0002"
+    first, second = (read_lora_file(f"{run.uri}/{session}/epoch-{k:04d}") for k in (1, 2))
+    assert any(value.abs().max() > 0 for key, value in first.items() if "lora_B" in key)
+    assert first.keys() == second.keys() and any(not torch.equal(first[key], second[key]) for key in second)

@@ -1,6 +1,7 @@
 """The in-process trainer leaves samples with a NaN/inf reward out of the update, as the Ray
 system does: training with bad rows equals, bit for bit, training on a batch that never had them."""
 
+import pytest
 import torch
 
 from dense_rl.config import load_config
@@ -40,8 +41,9 @@ def test_the_loop_trains_only_on_samples_with_a_finite_reward(monkeypatch):
 
     assert [m["bad_rewards"] for m in with_bad_rows] == [2, 2] and [m["bad_rewards"] for m in without_them] == [0, 0]
     for a, b in zip(with_bad_rows, without_them):
-        assert a["optimizer_steps"] == b["optimizer_steps"] == 2  # 6 rows in minibatches of 4: 4 + 2
-        for key in ("reward_mean", "reward_std", "policy_loss", "clipfrac", "approx_kl", "grad_norm"):
+        assert a["learner_optimizer_steps"] == b["learner_optimizer_steps"] == 2  # 6 rows in minibatches of 4: 4 + 2
+        for key in ("reward_mean", "reward_std", "learner_policy_loss", "learner_clipfrac", "learner_approx_kl",
+                    "learner_grad_norm"):
             assert a[key] == b[key], key
     trained, reference = lora_state_dict(bad["pipe"].unet), lora_state_dict(clean["pipe"].unet)
     assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)  # it did train
@@ -51,7 +53,9 @@ def test_the_loop_trains_only_on_samples_with_a_finite_reward(monkeypatch):
 
 def test_reward_gain_credit_in_the_loop():
     """The in-process loop trains with reward_gain credit and reports the credit profile per step:
-    one weight per window of 5 steps, a mean that sums to 1 over the steps, and the cosine curve."""
+    one weight per window of 5 steps, a mean that sums to 1 over the steps, and the cosine curve. Both
+    hold for any normalised window weights, uniform fallback included, so the profile must also differ
+    from uniform 1/T with rows that did not fall back (boundary rewards scored and used)."""
     config = load_config("configs/tiny.yaml", ["run.num_epochs=1", "sample.num_steps=10", "sample.batch_size=8",
                                                "sample.num_batches_per_epoch=1", "train.batch_size=8",
                                                "credit.mode=reward_gain"])
@@ -59,4 +63,20 @@ def test_reward_gain_credit_in_the_loop():
     mean = torch.tensor(metrics["step_weight_mean_per_step"])
     assert mean.shape == (10,) and abs(float(mean.sum()) - 1) < 1e-5
     assert torch.equal(mean[:5], mean[:1].expand(5)) and torch.equal(mean[5:], mean[5:6].expand(5))
-    assert len(metrics["cosine_mean_per_step"]) == 10 and metrics["optimizer_steps"] == 1
+    assert not torch.allclose(mean, torch.full((10,), 0.1)) and metrics["credit_fallbacks"] < 8  # of 8 rows
+    assert len(metrics["cosine_mean_per_step"]) == 10 and metrics["learner_optimizer_steps"] == 1
+
+
+@pytest.mark.parametrize("preset", ["configs/tiny.yaml", "configs/tiny-flow.yaml"])
+def test_ode_gain_credit_in_the_trainer(preset):
+    """ode_gain in the in-process trainer, for both sampler families: the boundaries are completed by the
+    ODE (10 + 5 extra denoiser calls per sample at 10 steps, windows of 5), the credit is one weight per
+    window and not uniform, and the update trains."""
+    config = load_config(preset, ["run.num_epochs=1", "sample.num_steps=10", "sample.batch_size=8",
+                                  "sample.num_batches_per_epoch=1", "train.batch_size=8", "credit.mode=ode_gain",
+                                  "credit.window_size=5"])
+    (metrics,) = loop.train(config, show_progress=False)
+    assert metrics["credit_model_calls_per_sample"] == 15.0 and metrics["credit_seconds_per_sample"] > 0
+    mean = torch.tensor(metrics["step_weight_mean_per_step"])
+    assert torch.equal(mean[:5], mean[:1].expand(5)) and not torch.allclose(mean, torch.full((10,), 0.1))
+    assert metrics["credit_fallbacks"] < 8 and metrics["learner_optimizer_steps"] == 1

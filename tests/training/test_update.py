@@ -122,32 +122,39 @@ def test_timestep_fraction_trains_exactly_that_many_steps_of_each_row(pipe_and_p
 def test_inner_epochs_repeat_every_step_against_the_sampling_log_probs(pipe_and_params):
     pipe, params = pipe_and_params
     trajectories = sample(pipe)
-    train = dataclasses.replace(TRAIN, num_inner_epochs=3, batch_size=2)
+    train = dataclasses.replace(TRAIN, num_inner_epochs=3, batch_size=2, clip_range=1e-4)  # SD's clip range
     visits, (grads, info) = _visits(pipe, trajectories, lambda: update(
         pipe, params, trajectories, torch.randn(len(PROMPTS), STEPS), train=train))
     assert info["optimizer_steps"] == 6 and len(grads) == 6
     assert sorted(visits) == sorted([(r, k) for r in range(len(PROMPTS)) for k in range(STEPS)] * 3)
-    # GradientRecorder leaves the weights alone: every pass scores the same policy, ratio 1 throughout.
+    # GradientRecorder leaves the weights alone: every pass scores the same policy, so every rescored
+    # step's ratio is within 1e-4 of 1 (no clipping), not just their mean.
     assert info["clipfrac"] == 0.0 and info["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_a_stale_batch_is_clipped_around_the_learners_own_policy(tiny_sd_dir):
     """Async mode: a batch sampled by version 0, trained by a learner that has moved on (version 1). The
     ratio is taken against the learner's own log-probs (no sample starts clipped), the importance weight
-    exp(proximal - behaviour) carries the difference, and the gradient is the importance-weighted one."""
+    exp(proximal - behaviour) carries the difference, and the gradient is the importance-weighted one.
+    One row a minibatch: the first is its own proximal, the other three take theirs from the proximal
+    pass (compute_proximal on the start weights; GradientRecorder leaves the weights where they are),
+    so a pass on the wrong rows, weights, guidance, embeddings or step would show as clipped ratios."""
     sampler, _ = policy(tiny_sd_dir, seed=0)
     learner, params = policy(tiny_sd_dir, seed=0)
-    stale = sample(sampler)
+    stale = sample(sampler, guidance_scale=3.0)
     with torch.no_grad():  # the learner has taken a step since: its LoRA differs
         for p in params:
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
     advantages = torch.randn(len(PROMPTS), STEPS, generator=torch.Generator().manual_seed(4))
-    train = dataclasses.replace(TRAIN, clip_range=1e-3)
+    train = dataclasses.replace(TRAIN, clip_range=1e-3, batch_size=1)  # four minibatches, three rescored
 
-    naive_grads, naive = update(learner, params, stale, advantages, train=train)
-    grads, corrected = update(learner, params, stale, advantages, train=train, learner_version=1)
+    naive_grads, naive = update(learner, params, stale, advantages, train=train, guidance_scale=3.0)
+    grads, corrected = update(learner, params, stale, advantages, train=train, guidance_scale=3.0, learner_version=1)
     assert naive["clipfrac"] > 0.5  # the stale log-probs put most ratios outside 1 +- 1e-3
-    assert corrected["off_policy"] == 1.0 and corrected["clipfrac"] == 0.0
+    assert corrected["off_policy"] == 1.0 and corrected["optimizer_steps"] == len(PROMPTS)
+    assert corrected["proximal_seconds"] > 0 and corrected["proximal_from_rollouts"] == 0.0  # computed here
+    # Every trained step of every row, the rescored ones included, is within 1e-3 of its proximal log-prob.
+    assert corrected["clipfrac"] == 0.0
     assert corrected["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert abs(corrected["importance_weight"] - 1.0) > 1e-3
 
@@ -156,12 +163,15 @@ def test_a_stale_batch_is_clipped_around_the_learners_own_policy(tiny_sd_dir):
     from dense_rl.diffusion.policy import StepPolicy
     from dense_rl.training.update import proximal_log_probs
 
-    proximal = proximal_log_probs(learner.unet, StepPolicy(learner.scheduler, eta=1.0), stale, batch_size=4,
-                                  guidance_scale=1.0, device=torch.device("cpu"), dtype=torch.float32)
+    proximal = proximal_log_probs(learner.unet, StepPolicy(learner.scheduler, eta=1.0), stale, stale.stochastic_steps,
+                                  batch_size=1, guidance_scale=3.0, device=torch.device("cpu"), dtype=torch.float32)
     weights = torch.exp(proximal - stale.log_probs)
     relabelled = dataclasses.replace(stale, log_probs=proximal, policy_version=1)
-    weighted_grads, _ = update(learner, params, relabelled, advantages * weights, train=train, learner_version=1)
-    torch.testing.assert_close(grads[0], weighted_grads[0], rtol=1e-4, atol=1e-8)
+    weighted_grads, _ = update(learner, params, relabelled, advantages * weights, train=train, guidance_scale=3.0,
+                               learner_version=1)
+    assert len(grads) == len(weighted_grads) == len(PROMPTS)
+    for corrected_grad, weighted_grad in zip(grads, weighted_grads):  # same generator: the same row order
+        torch.testing.assert_close(corrected_grad, weighted_grad, rtol=1e-4, atol=1e-8)
     assert torch.nn.functional.cosine_similarity(grads[0], naive_grads[0], dim=0) < 0.999
 
 
@@ -200,7 +210,7 @@ def test_a_stale_batch_takes_its_proximal_log_probs_from_the_update_start_miniba
         if fetched == "exact":
             step_policy = StepPolicy(learner.scheduler, eta=1.0)
             step_policy.set_timesteps(STEPS, "cpu")
-            fetched = proximal_log_probs(learner.unet, step_policy, stale, batch_size=4, guidance_scale=1.0,
+            fetched = proximal_log_probs(learner.unet, step_policy, stale, stale.stochastic_steps, batch_size=4, guidance_scale=1.0,
                                          device=torch.device("cpu"), dtype=torch.float32)
         asked = []
 
@@ -269,11 +279,34 @@ def test_the_rollouts_are_asked_for_proximal_log_probs_in_the_order_the_ranks_tr
 
 
 def test_a_fresh_batch_is_not_rescored(pipe_and_params):
+    """A batch of the learner's own version trains against its stored log-probs: no proximal pass, one
+    UNet call per trained (row, step). One row a minibatch, so a batch a version older, the control,
+    asks fetch_proximal for each of the three later minibatches and rescores their rows here."""
     pipe, params = pipe_and_params
     trajectories = dataclasses.replace(sample(pipe), policy_version=2)
-    visits, (_, info) = _visits(pipe, trajectories, lambda: update(
-        pipe, params, trajectories, torch.randn(len(PROMPTS), STEPS), learner_version=2))
-    assert info["off_policy"] == 0.0 and info["importance_weight"] == 1.0
+    train = dataclasses.replace(TRAIN, batch_size=1)
+
+    def run(learner_version):
+        asked, calls = [], []
+
+        def fetch(rows):
+            asked.append(rows.tolist())
+            return None  # no answer: a stale batch's rows are rescored here
+
+        handle = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+        try:
+            _, info = update(pipe, params, trajectories, torch.randn(len(PROMPTS), STEPS), train=train,
+                             learner_version=learner_version, fetch_proximal=fetch)
+        finally:
+            handle.remove()
+        return info, asked, sum(calls)
+
+    info, asked, unet_rows = run(learner_version=2)
+    assert info["off_policy"] == 0.0 and asked == [] and info["proximal_seconds"] == 0.0
+    assert unet_rows == len(PROMPTS) * STEPS  # guidance 1: one UNet row per trained step
+    stale_info, stale_asked, stale_rows = run(learner_version=3)
+    assert stale_info["off_policy"] == 1.0 and len(stale_asked) == len(PROMPTS) - 1
+    assert stale_info["proximal_seconds"] > 0 and stale_rows == (2 * len(PROMPTS) - 1) * STEPS
 
 
 # ---------------------------------------------------------------------- DDP over gloo

@@ -1,27 +1,29 @@
-"""The learner group: `cluster.num_learner_workers` Ray actors (LearnerRank) that run PPO on the LoRA
-parameters under DDP (torch.distributed; gloo on CPU, NCCL on GPU).
+"""The learner group: a Ray Train `TorchTrainer` whose `cluster.num_learner_workers` workers run PPO on
+the LoRA parameters under DDP (gloo on CPU, NCCL on GPU; DDP synchronises the LoRA only).
 
-The driver hands each rank its share of an epoch (one `LearnerRank.update` call per rank and epoch).
-After the update, rank 0 publishes the new LoRA state once (`ray.put`) to every RolloutWorker, writes
-its checkpoint files (LoRA, optimizer: dense_rl/run/checkpoints.py) straight into the run directory and
-returns the result.
+Each epoch the driver posts every rank's share on a `LearnerBoard` (an actor holding ObjectRefs of the
+rows, never the tensors) and waits there for rank 0's result. Each worker (`learner_loop`) takes its
+share, trains, and reports to Ray Train; rank 0 then publishes the new LoRA state once (`ray.put`) to
+every RolloutWorker and, when a checkpoint is due, hands Ray Train the folder to persist.
 
-A rank that fails (its process killed, its node lost, an exception) fails the epoch: the group kills
-its ranks and starts new ones from the newest checkpoint the driver holds, whose rank 0 publishes those
-weights to the rollouts, and the epoch is served to it again; at most cluster.learner_failures times
-in a run, then the run stops with the cause.
-
-The ranks set up their process group themselves rather than through Ray Train's TorchTrainer, whose
-controller and helper actors (7 more processes) made a 2-rank group ready 2.6-2.9x later on 2 cores,
-at 2.2-2.5x the CPU (`python -m dense_rl.bench learner-start`; docs/benchmarks.md, "The learner group
-without Ray Train").
+Ray Train does the rest:
+- `ScalingConfig` places the workers (`cluster.learner_*`, the layout's CPUs, a custom resource);
+- `FailureConfig(max_failures=cluster.learner_failures)` restarts the whole group when a worker dies;
+  the new workers restore Ray Train's newest checkpoint (`ray.train.get_checkpoint`), rank 0 publishes
+  those weights to the rollouts, and the board serves the epoch again;
+- `RunConfig(storage_path=RUN/checkpoints, name=<session>)` persists each checkpoint into the run
+  directory (a local path or a URI) as `checkpoints/<session>/epoch-NNNN`, and `CheckpointConfig(num_to_keep=
+  checkpoint.keep)` deletes all but the newest of them; the driver completes each with its own state
+  and `latest.json` (dense_rl/run/checkpoints.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-import socket
+import tempfile
+import threading
 import time
 
 import ray
@@ -29,11 +31,10 @@ import torch
 from ray.exceptions import RayActorError, RayError
 
 from dense_rl.config import Config, RunFailed
-from dense_rl.run.checkpoints import checkpoint_name, restore_learner, write_learner_files
+from dense_rl.run.checkpoints import checkpoint_due, checkpoint_name, checkpoint_version, restore_learner, session_name
 from dense_rl.run.storage import CHECKPOINTS
-from dense_rl.system.errors import start_errors, start_failure
+from dense_rl.system.errors import describe
 from dense_rl.system.messages import LearnerResult, Work
-from dense_rl.system.recovery import first_line
 from dense_rl.training.seeds import minibatch_rows, update_seed
 
 log = logging.getLogger("dense_rl")
@@ -130,140 +131,198 @@ def ask_for_proximal(shares: list[list], rescore, *, minibatch_size: int, seeds:
     return asked
 
 
-def rendezvous_address() -> str:
-    """A process group's init_method on this node: its Ray IP and a port free now."""
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        port = probe.getsockname()[1]
-    return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
 
-def join_process_group(model: torch.nn.Module, address: str, rank: int, world_size: int, device: str):
-    """Join the ranks' process group (NCCL on GPU, gloo on CPU) and wrap `model` in DDP, which then
-    synchronises only its trained parameters (update.ignore_frozen_in_ddp)."""
-    import torch.distributed as dist
+@ray.remote(num_cpus=0)
+class LearnerBoard:
+    """Where the driver posts each epoch's work for the learner ranks, and rank 0 the epoch's result.
 
-    from dense_rl.training.update import ignore_frozen_in_ddp
+    It holds ObjectRefs and plain values only and never opens them (so it imports no torch): a rank
+    reads its share of the trajectories through the object store. It outlives restarts of the worker
+    group, so a restarted group takes the epoch the failed one had taken. An async actor: a call that
+    waits (for work, for a result) does not hold up the others."""
 
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=address, rank=rank, world_size=world_size)
-    ignore_frozen_in_ddp(model)
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[0] if device == "cuda" else None,
-                                                     find_unused_parameters=False)
+    def __init__(self):
+        self.work: tuple[int, list] | None = None  # (epoch, [ObjectRef of each rank's Work])
+        self.results: dict[int, dict] = {}  # policy version -> rank 0's result
+        self.starts: list[tuple[int, bool]] = []  # (policy version, from a checkpoint) of each group start
+        self.failure: str | None = None
+        self.closed = False
+        self.changed = asyncio.Condition()
+
+    async def _update(self, change) -> None:
+        async with self.changed:
+            change()
+            self.changed.notify_all()
+
+    async def _until(self, condition) -> None:
+        async with self.changed:
+            await self.changed.wait_for(condition)
+
+    async def post_work(self, epoch: int, refs: list) -> None:
+        await self._update(lambda: setattr(self, "work", (epoch, refs)))
+
+    async def take_work(self, epoch: int, rank: int) -> list | None:
+        """[ObjectRef of rank `rank`'s Work] of `epoch` once posted; None when the run is over."""
+        await self._until(lambda: self.closed or (self.work is not None and self.work[0] == epoch))
+        return None if self.closed else [self.work[1][rank]]
+
+    async def started(self, version: int, from_checkpoint: bool) -> tuple[int, int | None]:
+        """A group (rank 0) starts at policy `version`: returns how many groups have started, this one
+        included, and the epoch posted now (None before the first)."""
+        await self._update(lambda: self.starts.append((version, from_checkpoint)))
+        return len(self.starts), None if self.work is None else self.work[0]
+
+    def start_log(self) -> list[tuple[int, bool]]:
+        return list(self.starts)
+
+    async def post_result(self, version: int, result: dict) -> None:
+        await self._update(lambda: self.results.__setitem__(version, result))
+
+    async def result(self, epoch: int) -> dict:
+        """Rank 0's result of `epoch` (policy version epoch + 1), or {"failure": one line} when the group
+        cannot go on."""
+        await self._until(lambda: self.failure is not None or epoch + 1 in self.results)
+        return {"failure": self.failure} if self.failure is not None else self.results.pop(epoch + 1)
+
+    async def fail(self, message: str) -> None:
+        await self._update(lambda: setattr(self, "failure", message))
+
+    async def close(self) -> None:
+        await self._update(lambda: setattr(self, "closed", True))
 
 
-@ray.remote(max_restarts=0)  # the group restarts as a whole (LearnerGroup), from a checkpoint
-class LearnerRank:
-    """One DDP rank: the policy, its optimizer and its loss scale, updated once per epoch."""
+def learner_loop(loop_config: dict) -> None:
+    """What every Ray Train worker runs: build the policy, restore the newest checkpoint (Ray Train's after
+    a restart, else the session's start point), wrap it in DDP, then train each epoch the board serves."""
+    import ray.train
+    import ray.train.torch
 
-    @start_errors  # a failed start reaches the driver as one line (dense_rl.system.errors)
-    def __init__(self, config: Config, rank: int, world_size: int, run_uri: str, checkpoint_prefix: str,
-                 rollout_workers: list):
-        from dense_rl.diffusion.pipeline import build_policy, denoiser
-        from dense_rl.run.storage import RunDir
-        from dense_rl.system.roles import use_threads
-        from dense_rl.training.update import make_grad_scaler, make_optimizer
+    from dense_rl.diffusion.lora import lora_state_dict
+    from dense_rl.diffusion.pipeline import build_policy, denoiser
+    from dense_rl.diffusion.trajectories import Trajectories
+    from dense_rl.run.checkpoints import write_learner_files
+    from dense_rl.run.storage import RunDir
+    from dense_rl.system import faults, telemetry
+    from dense_rl.system.roles import use_threads
+    from dense_rl.training.recipe import update_policy
+    from dense_rl.training.update import ignore_frozen_in_ddp, make_grad_scaler, make_optimizer
 
-        use_threads(config.cluster.threads("learner"))
-        self.config, self.rank, self.world_size = config, rank, world_size
-        self.device = "cuda" if config.cluster.learner_gpus > 0 else "cpu"
-        self.pipe, self.params = build_policy(dataclasses.replace(config, model=dataclasses.replace(config.model, device=self.device)))
-        self.model = denoiser(self.pipe)  # the UNet or flow transformer that carries the LoRA adapter
-        self.trained = self.model  # what the update runs: the DDP wrapper when there are several ranks
-        self.optimizer = make_optimizer(self.params, config.train)
-        self.grad_scaler = make_grad_scaler(self.model)  # float16 only; its scale carries over between epochs
-        self.run, self.checkpoint_prefix, self.rollout_workers = RunDir(run_uri), checkpoint_prefix, rollout_workers
-        self.version: int | None = None  # the policy version the weights hold, once joined
+    config: Config = loop_config["config"]
+    board, rollout_workers, session = loop_config["board"], loop_config["rollout_workers"], loop_config["session"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    use_threads(config.cluster.threads("learner"))
+    device = "cuda" if config.cluster.learner_gpus > 0 else "cpu"
+    try:
+        pipe, params = build_policy(dataclasses.replace(config, model=dataclasses.replace(config.model, device=device)))
+    except Exception as error:  # it fails the same way after any restart: stop the run with the cause
+        ray.get(board.fail.remote(f"learner: {describe(error)}; check model.pretrained={config.model.pretrained!r} "
+                                  "and lora.*"))
+        raise
+    model = denoiser(pipe)  # the UNet or flow transformer that carries the LoRA adapter
+    optimizer = make_optimizer(params, config.train)
+    grad_scaler = make_grad_scaler(model)  # float16 only; its scale carries over between epochs
 
-    def address(self) -> str:
-        """Where the ranks' process group meets (asked of rank 0)."""
-        return rendezvous_address()
+    # The optimizer keeps this session's train.* values either way (a resume may change them).
+    version, checkpoint = loop_config["start_version"], ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restart after a failure (FailureConfig): this session's newest checkpoint
+        with checkpoint.as_directory() as folder:
+            restore_learner(RunDir(folder), model, optimizer, config.train)
+        version = checkpoint_version(checkpoint.path)
+    elif loop_config["resume_from"] is not None:
+        restore_learner(RunDir(loop_config["run_uri"]).child(loop_config["resume_from"]), model, optimizer, config.train)
+    trained = model
+    if world_size > 1:
+        ignore_frozen_in_ddp(model)
+        trained = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
 
-    def join(self, address: str | None, version: int, checkpoint: str | None, restarted: bool) -> None:
-        """Load `checkpoint` (policy version `version`; None: the base policy) into the model and the
-        optimizer (which keeps this session's train.* values: a resume may change them), then join the
-        process group and wrap the model in DDP. Rank 0 of a restarted group publishes what it loaded."""
-        if checkpoint is not None:
-            restore_learner(self.run.child(checkpoint), self.model, self.optimizer, self.config.train)
-        self.version = version
-        if self.world_size > 1:
-            self.trained = join_process_group(self.model, address, self.rank, self.world_size, self.device)
-        if restarted and self.rank == 0:
-            from dense_rl.diffusion.lora import lora_state_dict
+    if rank == 0:
+        starts, posted = ray.get(board.started.remote(version, checkpoint is not None))
+        if starts > 1:  # a restart: the rollouts get the weights it restored, and the result of that version
+            folder = f"{CHECKPOINTS}/{session}/{checkpoint_name(version)}" if checkpoint is not None else None
+            board.post_result.remote(version, {"metrics": {}, "checkpoint": folder,
+                                               "weights": publish(version, lora_state_dict(model), rollout_workers)})
+        if posted is not None and posted > version:
+            ray.get(board.fail.remote(
+                f"the learner restarted from policy version {version}, but epoch {posted} starts from version {posted}, "
+                f"which has no checkpoint (run.save_every={config.run.save_every}): resume the run with --resume"))
 
-            publish(version, lora_state_dict(self.model), self.rollout_workers)
-
-    def update(self, work: Work) -> LearnerResult | None:
-        """PPO on this rank's share of one epoch. Rank 0 then publishes the new weights, writes the
-        checkpoint when one is due and returns the result; the other ranks return None."""
-        from dense_rl.diffusion.lora import lora_state_dict
-        from dense_rl.diffusion.trajectories import Trajectories
-        from dense_rl.system import faults, telemetry
-        from dense_rl.training.recipe import update_policy
-
-        config, epoch = self.config, work.epoch
-        if epoch != self.version:  # restarted from an older checkpoint than the epoch starts from
-            raise RuntimeError(f"the learner holds policy version {self.version} but epoch {epoch} starts from version "
-                               f"{epoch}, which has no checkpoint (run.save_every={config.run.save_every}): resume the "
-                               "run with --resume")
+    while (posted := ray.get(board.take_work.remote(version, rank))) is not None:
+        work: Work = ray.get(posted[0])
         trajectories = Trajectories.concat([ray.get(ref).select(rows) for ref, rows in work.pieces])
         started = time.perf_counter()
-        info = update_policy(self.trained, self.pipe.scheduler, self.optimizer, self.params, trajectories,
-                             work.step_advantages, config, epoch=epoch, rank=self.rank, world_size=self.world_size,
-                             grad_scaler=self.grad_scaler, fetch_proximal=proximal_fetcher(work))
+        info = update_policy(trained, pipe.scheduler, optimizer, params, trajectories, work.step_advantages, config,
+                             epoch=version, rank=rank, world_size=world_size, grad_scaler=grad_scaler,
+                             fetch_proximal=proximal_fetcher(work))
         info["step_seconds"] = time.perf_counter() - started
-        telemetry.record_learner_update(self.rank, info, info["step_seconds"])
-        faults.strike("learner", epoch, rank=self.rank)  # tests: a rank dies with the epoch taken, not finished
-        self.version = epoch + 1
-        if self.rank != 0:
-            return None
-        started, state = time.perf_counter(), lora_state_dict(self.model)
-        weights = publish(self.version, state, self.rollout_workers)
+        telemetry.record_learner_update(rank, info, info["step_seconds"])
+        faults.strike("learner", version, rank=rank)  # tests: a rank dies with the epoch taken, not finished
+        version += 1
+        if rank != 0:
+            ray.train.report(info)  # every rank reports each epoch: it is Ray Train's barrier
+            continue
+        started, state = time.perf_counter(), lora_state_dict(model)
+        weights = publish(version, state, rollout_workers)
         info["broadcast_seconds"] = time.perf_counter() - started
-        telemetry.record_weight_broadcast(self.rank, self.version, info["broadcast_seconds"],
-                                        sum(t.numel() * t.element_size() for t in state.values()))
-        checkpoint = None
-        if self.version % config.run.save_every == 0 or self.version == config.run.num_epochs:
-            # Written in place through RunDir (temporary name, then rename: no file is ever seen half written).
-            checkpoint = f"{self.checkpoint_prefix}/{checkpoint_name(self.version)}"
-            write_learner_files(self.run.child(checkpoint), self.model, self.optimizer)
-        return LearnerResult(self.version, info, checkpoint, weights)
+        telemetry.record_weight_broadcast(rank, version, info["broadcast_seconds"],
+                                          sum(t.numel() * t.element_size() for t in state.values()))
+        folder = None
+        if checkpoint_due(version, config.run):
+            with tempfile.TemporaryDirectory() as scratch:  # Ray Train persists it into the run directory
+                write_learner_files(RunDir(scratch), model, optimizer)
+                ray.train.report(info, checkpoint=ray.train.Checkpoint.from_directory(scratch),
+                                 checkpoint_dir_name=checkpoint_name(version))
+            folder = f"{CHECKPOINTS}/{session}/{checkpoint_name(version)}"
+        else:
+            ray.train.report(info)
+        board.post_result.remote(version, {"metrics": info, "checkpoint": folder, "weights": weights})
 
 
 class LearnerGroup:
-    """The driver's handle on the learner ranks: submit an epoch, wait for its result, close."""
+    """The driver's handle on the learner group: submit an epoch, wait for its result, close. Creating it
+    starts the group (Ray Train's fit, in a thread), so its start overlaps the other roles' loading."""
 
     def __init__(self, config: Config, rollout_workers: list, run_uri: str, start_version: int,
                  resume_from: str | None):
-        self.config, self.rollout_workers, self.run_uri = config, rollout_workers, run_uri
-        self.num_workers = config.cluster.num_learner_workers
-        self.rows_per_batch = config.sample.batch_size  # rows of each rollout batch
-        # A folder per session: a resumed run never overwrites the checkpoints of an earlier session.
-        self.checkpoint_prefix = f"{CHECKPOINTS}/from-epoch-{start_version:04d}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.start_point = (start_version, resume_from)  # the newest checkpoint: (version, folder)
-        self.failures_left = config.cluster.learner_failures
-        self.served: list[Work] = []  # the epoch the group holds now, to serve again after a restart
-        self.calls: list = []  # the ranks' update calls for it
-        self._start(restarted=False)
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
 
-    def _start(self, restarted: bool) -> None:
-        """New ranks, loading the start point. Nothing waits here: each rank runs its calls in order,
-        so its first update follows its join."""
-        cluster = self.config.cluster
-        options = dict(num_cpus=cluster.learner_cpus, num_gpus=cluster.learner_gpus,
-                       resources=cluster.custom_resources("learner"))
-        self.ranks = [LearnerRank.options(**options).remote(self.config, rank, self.num_workers, self.run_uri,
-                                                            self.checkpoint_prefix, self.rollout_workers)
-                      for rank in range(self.num_workers)]
-        address = self.ranks[0].address.remote() if self.num_workers > 1 else None
-        version, folder = self.start_point
-        self.joined = [rank.join.remote(address, version, folder, restarted) for rank in self.ranks]
+        from dense_rl.config.layout import learner_scaling
+
+        self.config, self.num_workers = config, config.cluster.num_learner_workers
+        self.rows_per_batch = config.sample.batch_size  # rows of each rollout batch
+        self.board = LearnerBoard.remote()
+        self.session = session_name(start_version)  # a fresh Ray Train run per session: its own checkpoints
+        self.trainer = TorchTrainer(
+            learner_loop,
+            train_loop_config={"config": config, "board": self.board, "rollout_workers": rollout_workers,
+                               "run_uri": run_uri, "start_version": start_version, "resume_from": resume_from,
+                               "session": self.session},
+            scaling_config=ScalingConfig(**learner_scaling(config.cluster)),
+            run_config=RunConfig(
+                name=self.session, storage_path=f"{run_uri.rstrip('/')}/{CHECKPOINTS}",
+                failure_config=FailureConfig(max_failures=config.cluster.learner_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
+            ),
+        )
+        self.error: BaseException | None = None
+        self.restarts_logged = 0
+        self.thread = threading.Thread(target=self._fit, name="learner-fit", daemon=True)
+        self.thread.start()
+
+    def _fit(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as error:  # surfaced to the driver by wait()
+            self.error = error
 
     def submit(self, epoch: int, trajectory_refs: list, step_advantages: torch.Tensor, rows: list[int],
                rescore=None) -> None:
-        """Hand each rank its equal share of the rows to train on (`rows`: ascending indices into the
-        epoch, those with a finite reward; `step_advantages`: one row each), as (ObjectRef, row indices).
-        `rescore([(batch index, rows), ...])`: the ObjectRef of those rows' proximal log-probs
-        (Driver.rescore), for an epoch sampled by an older policy."""
+        """Post each rank's equal share of the rows to train on (`rows`: ascending indices into the epoch;
+        `step_advantages`: one row each), as (ObjectRef, row indices). `rescore([(batch index, rows),
+        ...])`: the ObjectRef of those rows' proximal log-probs (Driver.rescore), for an epoch sampled by
+        an older policy."""
         share, shares = rank_shares(rows, self.num_workers, self.rows_per_batch, epoch)
         proximal = [[] for _ in shares]
         if rescore is not None:
@@ -271,49 +330,48 @@ class LearnerGroup:
             proximal = ask_for_proximal(shares, rescore, minibatch_size=train.batch_size // self.num_workers,
                                         seeds=[update_seed(self.config.run.seed, epoch, rank) for rank in range(len(shares))],
                                         first_minibatch_too=train.num_inner_epochs > 1)
-        self.served = [Work(epoch, [(trajectory_refs[batch], local) for batch, local in pieces],
-                            step_advantages[rank * share:(rank + 1) * share].clone(), proximal[rank])
-                       for rank, pieces in enumerate(shares)]
-        self._serve()
-
-    def _serve(self) -> None:
-        self.calls = [rank.update.remote(work) for rank, work in zip(self.ranks, self.served)]
+        # Each Work goes to the board as an ObjectRef it never opens (unpickling a Work needs torch).
+        works = [ray.put(Work(epoch, [(trajectory_refs[batch], local) for batch, local in pieces],
+                              step_advantages[rank * share:(rank + 1) * share].clone(), proximal[rank]))
+                 for rank, pieces in enumerate(shares)]
+        ray.get(self.board.post_work.remote(epoch, works))
 
     def wait(self, epoch: int) -> LearnerResult:
-        while True:
-            try:
-                # The first failure, as soon as it comes: the other ranks may be stuck in a collective
-                # with the one that died.
-                pending = self.joined + self.calls
-                while pending:
-                    done, pending = ray.wait(pending, num_returns=1)
-                    ray.get(done)
-            except RayError as error:
-                self._restart(epoch, error)
-                continue
-            result = ray.get(self.calls[0])
-            if result.checkpoint is not None:
-                self.start_point = (result.version, result.checkpoint)
-            return result
+        """Rank 0's result of `epoch`. A group that fails is restarted by Ray Train and serves the epoch
+        again; past cluster.learner_failures restarts, or on a failure no restart mends, the run stops."""
+        answer = self.board.result.remote(epoch)
+        while not ray.wait([answer], timeout=1.0)[0]:
+            self._check(epoch)
+        result = ray.get(answer)
+        if "failure" in result:
+            raise RunFailed(result["failure"])
+        return LearnerResult(epoch + 1, result["metrics"], result["checkpoint"], result["weights"])
 
-    def _restart(self, epoch: int, error: RayError) -> None:
-        start_cause = start_failure(str(error))
-        if start_cause is not None:  # a constructor fails the same way every time
-            raise RunFailed(f"learner: {start_cause}; check model.pretrained={self.config.model.pretrained!r} and "
-                            "lora.*") from error
-        cause = first_line(error)
-        if self.failures_left == 0:
-            raise RunFailed(f"the learner group failed {self.config.cluster.learner_failures + 1} times "
-                            f"(cluster.learner_failures={self.config.cluster.learner_failures}); last: {cause}") from error
-        self.failures_left -= 1
-        for rank in self.ranks:
-            ray.kill(rank)
-        version, folder = self.start_point
-        log.warning("learner group restarted from %s after %s; serving epoch %d to it again",
-                    f"its checkpoint of version {version}" if folder else f"policy version {version}", cause, epoch)
-        self._start(restarted=True)
-        self._serve()
+    def _check(self, epoch: int) -> None:
+        if self.error is not None or not self.thread.is_alive():
+            failures = self.config.cluster.learner_failures
+            raise RunFailed(f"the learner group failed {failures + 1} times (cluster.learner_failures={failures}); "
+                            f"last: {failure_line(self.error)}")
+        restarts = ray.get(self.board.start_log.remote())[1:]  # the group's first start is not a restart
+        for version, from_checkpoint in restarts[self.restarts_logged:]:
+            origin = f"its checkpoint of version {version}" if from_checkpoint else f"policy version {version}"
+            log.warning("learner group restarted from %s (Ray Train FailureConfig); serving epoch %d to it again",
+                        origin, epoch)
+        self.restarts_logged = len(restarts)
 
     def close(self) -> None:
-        for rank in self.ranks:  # a Ray session shared with others keeps going
-            ray.kill(rank)
+        try:
+            ray.get(self.board.close.remote(), timeout=30)
+        except RayError:  # the board is gone when Ray is shutting down
+            pass
+        self.thread.join(timeout=60)
+
+
+def failure_line(error: BaseException | None) -> str:
+    """The cause of a learner group's failure in one line: the first failed worker's error."""
+    if error is None:
+        return "the learner group stopped before the run ended"
+    failures = getattr(error, "worker_failures", None) or {}
+    cause = failures[min(failures)] if failures else error
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(cause).__name__)[:300]

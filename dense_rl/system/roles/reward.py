@@ -14,6 +14,8 @@ from dense_rl.system import faults, telemetry
 from dense_rl.system.errors import start_errors
 from dense_rl.system.messages import ScoredBatch
 from dense_rl.system.roles import use_threads
+from dense_rl.training.heldout import extra_reward_specs, score_heldout
+from dense_rl.training.monitors import image_monitors
 from dense_rl.training.scoring import score_trajectories
 
 
@@ -27,6 +29,8 @@ class RewardWorker:
         self.credit = config.credit
         device = "cuda" if config.cluster.reward_gpus > 0 else "cpu"
         self.rewards = WeightedRewards(config.rewards, device=device)
+        extra = extra_reward_specs(config) if config.evaluation.every_epochs else []
+        self.extra_rewards = WeightedRewards(extra, device=device) if extra else None  # held-out only
         self.preview_count = preview_count
         self.version = 0  # of the batch being scored
         if faults.planned():
@@ -52,7 +56,14 @@ class RewardWorker:
             rows = fault.get("rows", list(range(len(batch.prompts))))
             scores.rewards[rows] = torch.tensor([(float("nan"), float("inf"))[i % 2] for i in range(len(rows))])
         # clone: a slice would pickle the whole batch's storage back to the driver
-        return ScoredBatch(batch.prompts, batch.policy_version, scores, batch.images[: self.preview_count].clone())
+        return ScoredBatch(batch.prompts, batch.policy_version, scores, batch.images[: self.preview_count].clone(),
+                           image_monitors(batch.images, batch.prompts))
+
+    def score_heldout(self, batch: RewardInputs, preview_count: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A held-out batch's scores per image (the trained rewards, `trained`, the extra rewards, the image
+        monitors) and its first `preview_count` images."""
+        return (score_heldout(self.rewards, self.extra_rewards, batch.images, batch.prompts),
+                batch.images[:preview_count].clone())
 
     def pid(self) -> int:
         import os

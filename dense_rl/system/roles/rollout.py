@@ -77,6 +77,29 @@ class RolloutWorker:
         telemetry.record_rollout_batch(len(prompts), self.config.sample.num_steps, time.perf_counter() - started)
         return trajectories.for_learner(), trajectories.for_reward()
 
+    def evaluate(self, prompts: list[str], seed: int, weights: tuple[int, list] | None = None,
+                 base: bool = False) -> RewardInputs:
+        """One batch of the held-out set (fixed noise `seed`), sampled as evaluation samples
+        (evaluation.*), with `weights` (version, [ObjectRef]) swapped in first, or with the adapters off
+        (`base`: the pretrained model, policy version 0). What the reward role scores of it."""
+        from dense_rl.diffusion.pipeline import denoiser
+        from dense_rl.diffusion.sampler import sample_trajectories
+        from dense_rl.training.recipe import evaluation_sampler_options
+
+        if weights is not None:
+            self.set_weights(*weights)
+        self._swap_in_pending()
+        model = denoiser(self.pipe)
+        if base:
+            model.disable_adapters()
+        try:
+            trajectories = sample_trajectories(self.pipe, prompts, **evaluation_sampler_options(self.config, self.pipe),
+                                               generator=torch.Generator().manual_seed(seed),
+                                               policy_version=0 if base else self.version)
+        finally:
+            model.enable_adapters()
+        return trajectories.for_reward()
+
     def rescore(self, pieces: list, version: int) -> torch.Tensor | None:
         """[rows, T] log-probs of the stored actions of `pieces` ([(ObjectRef of a batch's Trajectories,
         its rows)], in that order) under this worker's weights if they are policy `version`, else None:

@@ -1,4 +1,4 @@
-"""hpsv2's own scoring code, run in its own process for tests/test_rewards_clip_hps.py.
+"""hpsv2's own scoring code, run in its own process for tests/rewards/test_rewards_clip_hps.py.
 
 Usage: python hpsv2_reference.py JOB.json  (JOB: {"folder", "model_cfg", "seed", "jobs": [{"images", "prompt"}]})
        python hpsv2_reference.py --vit-h-14-shapes  (the real model's state-dict shapes, built on the meta device)
