@@ -6,6 +6,7 @@
     peer                the peer workload on a local diffusers folder: in-process, Ray sync and async (and the peer's scripts)
     learner-start       starting the learner group: Ray Train's TorchTrainer against plain Ray actors
     guards              a reward gamed with and without a guard on an unseen held-out reward
+    credit-comparison   every credit method against a tuned sparse baseline, both families, guarded by an unseen reward
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ BENCHMARKS = {
     "peer": "dense_rl.bench.peer",
     "learner-start": "dense_rl.bench.learner_start",
     "guards": "dense_rl.bench.guards",
+    "credit-comparison": "dense_rl.bench.credit_comparison",
 }
 
 

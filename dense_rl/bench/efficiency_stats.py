@@ -181,6 +181,64 @@ def crossing_ratio(samples: np.ndarray, ddpo: np.ndarray, method: np.ndarray, *,
     return result
 
 
+def guarded_crossings(samples: np.ndarray, trained: np.ndarray, unseen: np.ndarray, targets: np.ndarray,
+                      floor: float) -> np.ndarray:
+    """The first sample count at which a held-out `trained` curve reaches its target at a point whose
+    `unseen` reward is at least `floor` (a guarded point): curves ``[n, points]``, ``targets`` ``[n]``;
+    NaN where no guarded point reaches it. Between a guarded point below the target and the next one
+    the count is interpolated linearly; after a point that is not guarded it is the point's own count.
+    Example: samples [0, 10, 20], trained [0.0, 0.4, 0.8], unseen [1, 1, 1], target 0.6, floor 0.9 -> 15;
+    with unseen [1, 0, 1] -> 20 (the point at 10 is not guarded); with unseen [1, 1, 0] -> never."""
+    samples = np.asarray(samples, dtype=float)
+    trained, unseen = np.atleast_2d(np.asarray(trained, dtype=float)), np.atleast_2d(np.asarray(unseen, dtype=float))
+    targets = np.broadcast_to(np.asarray(targets, dtype=float), trained.shape[:1])
+    guarded = unseen >= floor
+    hit = guarded & (trained >= targets[:, None])
+    i = np.argmax(hit, axis=1)
+    prev, rows = np.maximum(i - 1, 0), np.arange(len(trained))
+    y0, y1 = trained[rows, prev], trained[rows, i]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        interpolated = samples[prev] + (targets - y0) / (y1 - y0) * (samples[i] - samples[prev])
+    out = np.where((i > 0) & guarded[rows, prev] & (y0 < targets), interpolated, samples[i])
+    return np.where(hit.any(axis=1), out, np.nan)
+
+
+def guarded_ratio(samples: np.ndarray, baseline_trained: np.ndarray, baseline_unseen: np.ndarray,
+                  method_trained: np.ndarray, method_unseen: np.ndarray, floor: float,
+                  indices: np.ndarray | None = None, level: float = LEVEL) -> dict:
+    """How many times fewer samples `method` needs than the baseline to reach the baseline's final
+    held-out trained reward at a guarded point (`guarded_crossings`: unseen reward >= `floor`), from
+    the seeds' mean held-out curves ``[seeds, evaluations]`` (``samples``: samples trained on before
+    each evaluation, 0 first: the base model), paired by seed, with a percentile bootstrap over seeds.
+
+    Per resample: the target is the baseline's final mean trained reward; the method never reaches it
+    guarded: ratio 0 (``fraction_never``); the baseline never does (its own final point, or every point
+    up to it, is past the guard): no ratio (``fraction_undefined``; ``baseline_samples`` None), while
+    ``method_samples`` still says whether the method gets there guarded."""
+    samples = np.asarray(samples, dtype=float)
+    curves = [np.atleast_2d(np.asarray(c, dtype=float)) for c in
+              (baseline_trained, baseline_unseen, method_trained, method_unseen)]
+    if len({c.shape for c in curves}) != 1:
+        raise ValueError(f"paired held-out curves must have one [seeds, evaluations] shape, got {[c.shape for c in curves]}")
+    idx = _indices(len(curves[0]), indices)
+    bt, bu, mt, mu = (np.concatenate([c.mean(0, keepdims=True), c[idx].mean(axis=1)]) for c in curves)
+    targets = bt[:, -1]
+    cross_b = guarded_crossings(samples, bt, bu, targets, floor)
+    cross_m = guarded_crossings(samples, mt, mu, targets, floor)
+    undefined = np.isnan(cross_b) | (cross_b <= samples[0])
+    never = ~undefined & np.isnan(cross_m)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(never, 0.0, cross_b / cross_m)
+    ratio = np.where(undefined, np.nan, ratio)
+    low, high = percentile_interval(ratio[1:], level)
+    return {"value": None if undefined[0] else float(ratio[0]), "ci_low": low, "ci_high": high,
+            "target": float(targets[0]), "floor": float(floor),
+            "baseline_samples": None if np.isnan(cross_b[0]) else float(cross_b[0]),
+            "method_samples": None if np.isnan(cross_m[0]) else float(cross_m[0]),
+            "fraction_never": float(never[1:].mean()), "fraction_undefined": float(undefined[1:].mean()),
+            "resamples": int(len(idx))}
+
+
 def paired_gain(ddpo: np.ndarray, method: np.ndarray, indices: np.ndarray | None = None, level: float = LEVEL) -> dict | None:
     """The method's reward minus DDPO's, paired by (seed, epoch) -- the same prompts and noise
     seeds, so prompt difficulty cancels -- from the first update on (epoch 0 is the same base model

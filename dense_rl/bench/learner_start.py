@@ -136,7 +136,12 @@ def measure(variant: str, ranks: int, settle_seconds: float) -> dict:
     import psutil
     import ray
 
+    from dense_rl.system.roles.learner import enable_train_view
+    from dense_rl.system.session import without_preemption_watcher
+
     cores = os.cpu_count() or 1
+    without_preemption_watcher()  # as a run's private instance has it, and its learner group
+    enable_train_view()
     ray.init(num_cpus=cores, logging_level="ERROR", log_to_driver=False)
     try:
         time.sleep(settle_seconds)  # the dashboard and its agents finish starting

@@ -2,6 +2,8 @@
 both sampler families (the embedded DDIM model and the embedded flow-matching model)."""
 
 import dataclasses
+import json
+import urllib.request
 
 import pytest
 import torch
@@ -55,7 +57,7 @@ def six_epochs(request, tmp_path_factory):
     # Every checkpoint kept: the resume test compares with the uninterrupted run's second.
     config = small_config(out, "run.name=e2e", "run.num_epochs=6", "run.save_every=1", "checkpoint.keep=6", preset=preset)
     run_dir = RunDir(f"{out}/e2e")
-    broadcasts, checkpoints = [], {}
+    broadcasts, checkpoints, train_view = [], {}, []
 
     def check_rollouts(driver, metrics):
         # After epoch k every rollout actor must hold exactly the LoRA the learner saved as version k + 1.
@@ -64,6 +66,10 @@ def six_epochs(request, tmp_path_factory):
         checkpoints[latest["epoch"]] = latest["path"]
         if version == 1:
             shutil.copytree(f"{out}/e2e", f"{out}/after-one-epoch/e2e")
+            # What the Ray dashboard's Train view shows: the runs of Ray Train's state actor.
+            with urllib.request.urlopen(f"http://{ray._private.worker.get_dashboard_url()}/api/train/v2/runs/v1") as reply:
+                runs = json.load(reply)["train_runs"]
+            train_view.extend((run["name"], run["status"], driver.learner.session) for run in runs)
         saved = read_lora_file(f"{out}/e2e/{latest['path']}")
         held = ray.get([w.weights.remote() for w in driver.rollout_workers])
         same = all(held_version == version and weights.keys() == saved.keys()
@@ -72,11 +78,14 @@ def six_epochs(request, tmp_path_factory):
 
     history = run_system(config, f"{out}/e2e", show_progress=False, on_epoch=check_rollouts)
     return {"preset": preset, "out": out, "run": run_dir, "history": history, "broadcasts": broadcasts,
-            "checkpoints": checkpoints}
+            "checkpoints": checkpoints, "train_view": train_view}
 
 
 def test_versions_broadcast_and_learning(six_epochs):
     assert six_epochs["broadcasts"] == [(version, version, True) for version in range(1, 7)]
+    # The learner group is a Ray Train run that the dashboard's Train view lists while it trains.
+    running = [name for name, status, session in six_epochs["train_view"] if status == "RUNNING"]
+    assert running == [six_epochs["train_view"][0][2]], six_epochs["train_view"]
 
     run = six_epochs["run"]
     for epoch in range(6):

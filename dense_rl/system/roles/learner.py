@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -188,6 +189,10 @@ class LearnerBoard:
     async def fail(self, message: str) -> None:
         await self._update(lambda: setattr(self, "failure", message))
 
+    def is_ending(self) -> bool:
+        """The driver closed the board, or a failure no restart mends was posted: the run is ending."""
+        return self.closed or self.failure is not None
+
     async def close(self) -> None:
         await self._update(lambda: setattr(self, "closed", True))
 
@@ -214,6 +219,8 @@ def learner_loop(loop_config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     use_threads(config.cluster.threads("learner"))
     device = "cuda" if config.cluster.learner_gpus > 0 else "cpu"
+    if ray.get(board.is_ending.remote()):  # a restart while the run ends: nothing to train
+        return
     try:
         pipe, params = build_policy(dataclasses.replace(config, model=dataclasses.replace(config.model, device=device)))
     except Exception as error:  # it fails the same way after any restart: stop the run with the cause
@@ -279,6 +286,12 @@ def learner_loop(loop_config: dict) -> None:
         board.post_result.remote(version, {"metrics": info, "checkpoint": folder, "weights": weights})
 
 
+def enable_train_view() -> None:
+    """The Ray dashboard's Train view reads Ray Train's state actor, which is off unless this is set;
+    Ray Train reads it in the driver when fit() starts."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+
+
 class LearnerGroup:
     """The driver's handle on the learner group: submit an epoch, wait for its result, close. Creating it
     starts the group (Ray Train's fit, in a thread), so its start overlaps the other roles' loading."""
@@ -290,6 +303,7 @@ class LearnerGroup:
 
         from dense_rl.config.layout import learner_scaling
 
+        enable_train_view()
         self.config, self.num_workers = config, config.cluster.num_learner_workers
         self.rows_per_batch = config.sample.batch_size  # rows of each rollout batch
         self.board = LearnerBoard.remote()
