@@ -271,6 +271,7 @@ def run_group(args, settings: dict, family: str, reward: str, methods: list[str]
         if not todo or failures:
             break
         bar.total += len(todo)
+        bar.refresh()
         failures += run_batch(args, settings, todo, bar)
     if failures:
         return failures
@@ -279,6 +280,7 @@ def run_group(args, settings: dict, family: str, reward: str, methods: list[str]
             for method in methods for seed in EVALUATION_SEEDS]
     todo = [key for key in todo if key not in runs]
     bar.total += len(todo)
+    bar.refresh()
     return run_batch(args, settings, todo, bar)
 
 

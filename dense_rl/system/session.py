@@ -40,9 +40,9 @@ def start_ray(config: Config, verbose: bool = False) -> None:
     num_cpus = max(math.ceil(needed["CPU"]), os.cpu_count() or 1)
     # A private instance is one node holding every role: it advertises the cluster.*_resource units too.
     custom = {k: v for k, v in needed.items() if k not in ("CPU", "GPU")} or None
-    without_preemption_watcher()
     if address == "local":
         ray.init(address="local", num_cpus=num_cpus, resources=custom, **options)
+        without_preemption_watcher()
         return
     try:
         ray.init(num_cpus=num_cpus, resources=custom, **options)  # starts one unless RAY_ADDRESS / `ray start` names a cluster
@@ -50,12 +50,14 @@ def start_ray(config: Config, verbose: bool = False) -> None:
         if "existing cluster" not in str(error):
             raise
         ray.init(**options)  # a running cluster brings its own resources
+        return
+    without_preemption_watcher()  # it started a private instance
 
 
 def without_preemption_watcher() -> None:
     """For a private instance: Ray Train's preemption watcher moves the learner group off a node about to
     go, and a private instance has no other node, while the watcher's process competes with the roles'
-    start-up. Ray Train hands RAY_TRAIN_* variables of the driver to its controller."""
+    start-up. Ray Train reads it in the driver when fit() starts and hands it to its controller."""
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
