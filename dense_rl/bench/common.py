@@ -123,3 +123,13 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def print_failures(failures: list[str]) -> int:
+    """A grid's failed runs, one line each, after its results; the exit status (1 if any failed)."""
+    if not failures:
+        return 0
+    print(f"\n{len(failures)} run(s) failed; rerun the same command to retry them:", file=sys.stderr)
+    for line in failures:
+        print(f"  {line}", file=sys.stderr)
+    return 1

@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 from dense_rl.bench import efficiency_stats as stats
-from dense_rl.bench.common import Report, table
+from dense_rl.bench.common import Report, print_failures, table
 from dense_rl.bench.efficiency_plots import LABELS, plot_credit, plot_curves, plot_heldout, plot_samples
 from dense_rl.bench.efficiency_runs import (
     METHODS,
@@ -182,12 +182,7 @@ def main(argv=None) -> int:
     runs = existing_runs(runs_dir, settings)  # read back: with --jobs the children wrote them
     report.data["runs"] = [runs[key] for key in grid if key in runs]
     finish(report, grid)
-    if failures:
-        print(f"\n{len(failures)} run(s) failed; rerun the same command to retry them:", file=sys.stderr)
-        for line in failures:
-            print(f"  {line}", file=sys.stderr)
-        return 1
-    return 0
+    return print_failures(failures)
 
 
 # ------------------------------------------------------------------------------------- merging

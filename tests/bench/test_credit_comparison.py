@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dense_rl.bench import credit_comparison as cc
+from dense_rl.bench import credit_runs as cr
 from dense_rl.bench.efficiency_stats import guarded_crossings, guarded_ratio
 
 SAMPLES = np.array([0.0, 64.0, 128.0])
@@ -59,26 +60,26 @@ def fake_run(family, reward, method, lr, seed, trained, unseen, curve=None):
 
 def test_guarded_best_skips_points_past_the_guard():
     run = fake_run("ddim", "brightness", "coca", 1e-3, 100, [0.3, 0.5, 0.9], [0.95, 0.94, 0.80])
-    assert cc.guarded_best(run) == 0.5  # 0.9 came with the unseen reward 0.15 below the base
+    assert cr.guarded_best(run) == 0.5  # 0.9 came with the unseen reward 0.15 below the base
     hacked_at_once = fake_run("ddim", "brightness", "coca", 1e-3, 100, [0.3, 0.5, 0.9], [0.95, 0.90, 0.80])
-    assert cc.guarded_best(hacked_at_once) == 0.3  # the base model is what a guarded run keeps
+    assert cr.guarded_best(hacked_at_once) == 0.3  # the base model is what a guarded run keeps
 
 
 def test_the_sweep_widens_until_its_choice_is_inside():
     key = ("ddim", "preference", "uca")
     runs = {}
-    state = cc.tuning_state(runs, *key)
-    assert state["to_run"] == list(cc.FIRST_SWEEP) and state["chosen"] is None
+    state = cr.tuning_state(runs, *key)
+    assert state["to_run"] == list(cr.FIRST_SWEEP) and state["chosen"] is None
 
     def add(lr, final):
-        for seed in cc.TUNING_SEEDS:
+        for seed in cr.TUNING_SEEDS:
             runs[(*key, lr, seed)] = fake_run(*key, lr, seed, [5.0, final], [0.95, 0.95])
 
     add(3e-4, 5.2), add(1e-3, 5.4), add(3e-3, 5.6)  # best at the top edge
-    state = cc.tuning_state(runs, *key)
+    state = cr.tuning_state(runs, *key)
     assert state["chosen"] == 3e-3 and not state["inside"] and state["to_run"] == [1e-2]
     add(1e-2, 5.5)
-    state = cc.tuning_state(runs, *key)
+    state = cr.tuning_state(runs, *key)
     assert state["chosen"] == 3e-3 and state["inside"] and state["to_run"] == []
     assert state["tried"] == [3e-4, 1e-3, 3e-3, 1e-2] and state["scores"]["0.003"] == pytest.approx(5.6)
 
@@ -88,7 +89,7 @@ def test_summary_compares_each_method_with_the_tuned_baseline_and_coca_with_uca(
     finals = {"ddpo": 5.4, "uca": 5.6, "coca": 5.8}
     for method, final in finals.items():
         for lr, bonus in ((3e-4, -0.1), (1e-3, 0.0), (3e-3, -0.2)):
-            for seed in (*cc.TUNING_SEEDS, *cc.EVALUATION_SEEDS):
+            for seed in (*cr.TUNING_SEEDS, *cr.EVALUATION_SEEDS):
                 trained = [5.0, 5.0 + (final + bonus - 5.0) / 2 + 0.01 * seed, final + bonus]
                 curve = list(np.linspace(5.0, final + bonus, 4) + 0.01 * seed)
                 runs[("ddim", "preference", method, lr, seed)] = fake_run("ddim", "preference", method, lr, seed,
@@ -99,7 +100,7 @@ def test_summary_compares_each_method_with_the_tuned_baseline_and_coca_with_uca(
     assert set(group["comparisons"]) == {"uca vs ddpo", "coca vs ddpo", "coca vs uca"}
     coca = group["comparisons"]["coca vs ddpo"]
     assert coca["plain"]["value"] > 1 and coca["guarded"]["value"] > 1
-    assert group["guard_floor"] == pytest.approx(0.95 - cc.TOLERANCE)
+    assert group["guard_floor"] == pytest.approx(0.95 - cr.TOLERANCE)
 
 
 @pytest.mark.slow
