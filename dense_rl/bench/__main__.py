@@ -7,6 +7,7 @@
     learner-start       starting the learner group: Ray Train's TorchTrainer against plain Ray actors
     guards              a reward gamed with and without a guard on an unseen held-out reward
     credit-comparison   every credit method against a tuned sparse baseline, both families, guarded by an unseen reward
+    time-to-reward      wall-clock seconds for dense_rl to reach TRL DDPOTrainer's reward on the peer workload
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ BENCHMARKS = {
     "learner-start": "dense_rl.bench.learner_start",
     "guards": "dense_rl.bench.guards",
     "credit-comparison": "dense_rl.bench.credit_comparison",
+    "time-to-reward": "dense_rl.bench.time_to_reward",
 }
 
 

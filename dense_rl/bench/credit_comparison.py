@@ -227,8 +227,9 @@ def main(argv: list[str]) -> int:
                 failures += run_group(args, settings, family, reward, methods_of[family], bar)
         bar.close()
     runs = read_runs(out / "runs", settings)
+    ran = {key[:3] for key in runs}  # a selection may name groups that have not run yet
     report["tuning"] = [{**tuning_state(runs, f, r, m), "to_run": None} for f in families for r in rewards_of[f]
-                        for m in methods_of[f]]
+                        for m in methods_of[f] if (f, r, m) in ran]
     report["runs"] = [runs[key] for key in sorted(runs, key=lambda k: tuple(map(str, k)))]
     summary = summarise(runs, families, rewards_of, methods_of)
     report["summary"] = summary

@@ -88,7 +88,8 @@ def epoch_summary(epoch_seconds: list[float], first_epoch_end: float, sample: li
     """One setup's run: trajectories/s as the peer scripts count them (epochs 2..N), the time from
     its start to its first epoch's end, and the per-epoch sample/learn split."""
     steady = epoch_seconds[1:] or epoch_seconds
-    return {"epoch_seconds": epoch_seconds, "trajectories_per_second": samples_per_epoch / statistics.mean(steady),
+    ends = [first_epoch_end + sum(epoch_seconds[1:k + 1]) for k in range(len(epoch_seconds))]
+    return {"epoch_seconds": epoch_seconds, "epoch_end_seconds": ends, "trajectories_per_second": samples_per_epoch / statistics.mean(steady),
             "first_epoch_end_seconds": first_epoch_end, "steady_epoch_seconds": statistics.mean(steady),
             "sample_seconds": sample, "learn_seconds": learn, "reward_mean": reward_mean}
 
@@ -108,23 +109,30 @@ def in_process(config) -> dict:
                          [m["reward_mean"] for m in history], config.samples_per_epoch)
 
 
-def ray_system(config) -> dict:
+def ray_system(config, stop_when=None) -> dict:
     """A private Ray instance of CPUS CPUs, whatever the machine has, started inside the timing as
     dense_rl.launch starts one; epoch times are the wall time between epoch ends (in async mode
-    sampling overlaps the update, so only that counts throughput)."""
+    sampling overlaps the update, so only that counts throughput). `stop_when(rewards)`, given the
+    epochs' mean rewards so far, ends the run early when it returns true."""
     import logging
 
     import ray
 
     from dense_rl.system.session import run_system
 
-    started, ends = time.perf_counter(), []
+    started, ends, rewards = time.perf_counter(), [], []
+
+    def on_epoch(driver, metrics):
+        ends.append(time.perf_counter())
+        rewards.append(metrics["reward_mean"])
+        if stop_when is not None and stop_when(rewards):
+            driver.stopped_by = "reached the target reward"
+
     ray.init(address="local", num_cpus=CPUS, logging_level=logging.ERROR, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as folder:
             config.run.output_dir, config.run.name = folder, "peer"
-            history = run_system(config, f"{folder}/peer", show_progress=False,
-                                 on_epoch=lambda driver, metrics: ends.append(time.perf_counter()))
+            history = run_system(config, f"{folder}/peer", show_progress=False, on_epoch=on_epoch)
     finally:
         ray.shutdown()
     epochs = [ends[0] - started] + [b - a for a, b in zip(ends, ends[1:])]
@@ -146,9 +154,10 @@ def parse_peer_output(lines: list[tuple[float, str]], started: float) -> dict:
                          [learn] * count, result.get("reward_mean_per_epoch", []), result["samples_per_epoch"])
 
 
-def peer_script(python: str, script: Path, model: str, epochs: int) -> dict:
+def peer_script(python: str, script: Path, model: str, epochs: int, extra: list[str] = ()) -> dict:
+    """Runs a script of the peers' kind: `script MODEL EPOCHS [extra...]`, "epoch K:" lines, one JSON last."""
     started, lines = time.perf_counter(), []
-    process = subprocess.Popen([python, str(script), model, str(epochs)], stdout=subprocess.PIPE,
+    process = subprocess.Popen([python, str(script), model, str(epochs), *extra], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         lines.append((time.perf_counter(), line.strip()))

@@ -43,9 +43,18 @@ def epoch_metrics(epoch: int, state, scored, advantage_info: dict, learner_metri
     if any(b.scores.boundary_seconds for b in scored):  # what the credit mode's boundary images cost
         metrics["credit_model_calls_per_sample"] = float(scored[0].scores.boundary_model_calls)
         metrics["credit_seconds_per_sample"] = sum(b.scores.boundary_seconds for b in scored) / len(every)
-    for name in scored[0].monitors:  # image monitors: each batch's, averaged (batches are of one size)
-        metrics[name] = sum(b.monitors[name] for b in scored) / len(scored)
+    metrics.update(monitor_means(scored))
     return metrics
+
+
+def monitor_means(scored) -> dict[str, float]:
+    """The image monitors of an epoch's batches: each batch's, averaged (batches are of one size) over
+    the batches that have it, since image_diversity is absent where no prompt was sampled twice."""
+    means = {}
+    for name in dict.fromkeys(name for b in scored for name in b.monitors):
+        values = [b.monitors[name] for b in scored if name in b.monitors]
+        means[name] = sum(values) / len(values)
+    return means
 
 
 class RunRecorder:

@@ -78,7 +78,7 @@ class Driver:
         self.prometheus = DriverMetrics(config, self.rollout_workers)  # Prometheus, via Ray's metrics agent
         self.watch = HeldoutWatch(config, recorder.run)  # held-out evaluations, guards, best.json
         self.heldout = HeldoutEvaluation(config, self.rollout_workers, self.reward_workers) if self.watch.enabled else None
-        self.stopped_by: str | None = None  # the line of the guard that stopped the run
+        self.stopped_by: str | None = None  # why the run stopped early: a guard's line, or on_epoch's
 
     def _wait_until_started(self) -> None:
         """A constructor that fails (a model not on disk, LoRA modules that match nothing, a reward's
@@ -182,7 +182,8 @@ class Driver:
     # ------------------------------------------------------------------ the loop
 
     def run(self, show_progress: bool = True, on_epoch=None) -> list[dict]:
-        """Run to config.run.num_epochs; `on_epoch(driver, metrics)` is called after each epoch."""
+        """Run to config.run.num_epochs; `on_epoch(driver, metrics)` is called after each epoch and may
+        end the run there by setting `driver.stopped_by` to the reason."""
         config, state = self.config, self.state
         asynchronous = config.cluster.max_policy_lag >= 1
         bar = tqdm(total=config.run.num_epochs, initial=state.epoch, desc="epochs", unit="epoch",

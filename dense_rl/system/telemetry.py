@@ -22,6 +22,8 @@ import time
 
 import ray
 
+from dense_rl.run.records import monitor_means
+
 # Latency buckets (seconds) wide enough for the tiny model on a CPU and SD 1.5 on a GPU alike.
 SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000]
 TAGS = ("role", "actor")
@@ -253,9 +255,8 @@ class DriverMetrics:
         for name in scored[0].scores.components:
             component = torch.cat([b.scores.components[name] for b in scored]).double()
             _set("dense_rl_reward_component", float(component.mean()), _tags("driver", reward=name))
-        for name in scored[0].monitors:
-            _set("dense_rl_image_monitor", sum(b.monitors[name] for b in scored) / len(scored),
-                 _tags("driver", monitor=name.removeprefix("image_")))
+        for name, value in monitor_means(scored).items():
+            _set("dense_rl_image_monitor", value, _tags("driver", monitor=name.removeprefix("image_")))
         self._credit(scored)
 
         now = time.perf_counter()

@@ -37,3 +37,23 @@ def test_uint8_images_give_the_same_statistics_as_their_floats():
     as_uint8 = (images * 255).round().to(torch.uint8)
     floats = image_monitors(as_uint8.float() / 255, ["a", "a", "b", "b"])
     assert image_monitors(as_uint8, ["a", "a", "b", "b"]) == pytest.approx(floats)
+
+
+def test_an_epoch_averages_diversity_over_the_batches_that_sampled_a_prompt_twice():
+    """With one sample per prompt, a batch has image_diversity only where prompts happened to repeat
+    in it (the peer workload cycles 45 prompts through batches of 8): the epoch's row averages each
+    monitor over the batches that have it, and a batch without it does not fail the epoch."""
+    import types
+
+    from dense_rl.run.records import epoch_metrics
+    from dense_rl.training.scoring import ScoredBatch, Scores
+
+    black, white, grey = solid([0, 0, 0]), solid([1, 1, 1]), solid([0.5, 0.5, 0.5])
+    pairs = (torch.cat([black, white]), ["a", "a"])  # diversity 1
+    singles = (torch.cat([grey, white]), ["b", "c"])  # no prompt twice: no diversity
+    batches = [ScoredBatch(prompts, 1, Scores(torch.zeros(2), {}, None, 0), images[:1], image_monitors(images, prompts))
+               for images, prompts in (singles, pairs)]
+    assert "image_diversity" not in batches[0].monitors
+    row = epoch_metrics(0, types.SimpleNamespace(samples_seen=4), batches, {}, {}, timings={"sample": 1.0})
+    assert row["image_diversity"] == pytest.approx(1.0)
+    assert row["image_brightness"] == pytest.approx((0.5 + 1.0 + 0.0 + 1.0) / 4)
