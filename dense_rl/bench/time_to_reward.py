@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         "smoothing_epochs": SMOOTHING, "given_target": args.target, "quick": args.quick})
     order = (["trl"] if with_trl else []) + args.setups
     runs: dict[str, list[dict]] = {setup: [] for setup in order}
-    targets: list[float] = []
+    targets: list[float] = [] if with_trl else [args.target] * repeats  # TRL's runs append theirs
     bar = tqdm(total=repeats * len(order), desc="time-to-reward", unit="run")
     for repeat in range(repeats):
         for setup in order:
@@ -168,8 +168,6 @@ def main(argv=None) -> int:
                                      args.trl_epochs, extra=[f"{args.lr:g}", args.reward, f"{args.clip_range:g}"])
                 targets.append(target_of(result))
             else:
-                if not with_trl and len(targets) == repeat:
-                    targets.append(args.target)
                 result = ray_system(configs[setup](), stop_when=reaches(targets[repeat]))
             runs[setup].append({**result, "load_average_before": before, "load_average_after": load_average()})
             report["runs"] = runs
