@@ -2,8 +2,6 @@
 widens until its choice is inside, the summary on synthetic runs, and one real run of the command."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import pytest
 from dense_rl.bench import credit_comparison as cc
 from dense_rl.bench import credit_runs as cr
 from dense_rl.bench.efficiency_stats import guarded_crossings, guarded_ratio
+from support.bench import run_bench
 
 SAMPLES = np.array([0.0, 64.0, 128.0])
 
@@ -107,9 +106,8 @@ def test_summary_compares_each_method_with_the_tuned_baseline_and_coca_with_uca(
 def test_one_run_records_its_heldout_curve_and_credit_cost(tmp_path):
     """A real in-process run through the command (`--one`, as --jobs starts each run): ode_gain on the
     DDIM model, with held-out evaluations of the trained and the unseen reward."""
-    done = subprocess.run([sys.executable, "-m", "dense_rl.bench", "credit-comparison", "--quick", "--out", str(tmp_path),
-                           "--one", "ddim,brightness,ode_gain,0.003,0"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_bench("credit-comparison", "--quick", "--out", str(tmp_path), "--one", "ddim,brightness,ode_gain,0.003,0",
+              timeout=600)
     run = json.loads((tmp_path / "runs" / "ddim__brightness__ode_gain__lr0.003__seed0.json").read_text())
     assert (run["family"], run["method"], run["credit_mode"], run["lr"], run["phase"]) == \
         ("ddim", "ode_gain", "ode_gain", 0.003, "evaluation")

@@ -8,14 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from dense_rl.bench import time_to_reward as ttr
 from dense_rl.bench.peer import epoch_summary
-
-REPO = Path(__file__).resolve().parents[2]
+from support.bench import REPO, run_bench
 
 
 def run_of(rewards: list[float], first: float = 30.0, steady: float = 10.0) -> dict:
@@ -72,11 +70,8 @@ def test_a_quick_run_stops_once_it_reaches_a_given_target(tiny_sd_dir, tmp_path)
     shutil.copytree(tiny_sd_dir, model)
     (model / "prompts.txt").write_text("cat\ndog\nhorse\n")
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "dense_rl.bench", "time-to-reward", "--model", str(model), "--quick", "--target=-1e9",
-         "--setups", "coca", "--trl-epochs", "4", "--budget-factor", "1", "--out", str(out)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_bench("time-to-reward", "--model", str(model), "--quick", "--target=-1e9", "--setups", "coca",
+                       "--trl-epochs", "4", "--budget-factor", "1", "--out", str(out), timeout=900)
     data = json.loads((out / "results.json").read_text())
     assert data["complete"] and data["settings"]["budget_epochs"] == 4
     (run,) = data["runs"]["coca"]
